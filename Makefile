@@ -1,0 +1,47 @@
+# dis_dist: `make demo` trains the embedded Fashion-MNIST demo, `make test` runs the whole suite.
+PYTHON ?= python3
+VENV ?= .venv
+TORCH ?= torch==2.13.0
+APT_PACKAGES ?= dataset-fashion-mnist
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+# Compiled kernels (torch.compile) are cached here, so only the first run pays for compiling.
+export TORCHINDUCTOR_CACHE_DIR ?= $(CURDIR)/.cache/inductor
+
+.PHONY: venv demo test test-fast lint clean apt
+
+venv: $(STAMP)
+
+$(STAMP): pyproject.toml
+	@$(MAKE) --no-print-directory apt
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --upgrade --quiet pip
+	# torch is pinned in the same call so no dependency can pull another (multi-GB CUDA) build.
+	$(BIN)/pip install --quiet "$(TORCH)" -e ".[dev]"
+	touch $@
+
+apt:
+	@missing=""; for p in $(APT_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
+	if [ -n "$$missing" ]; then \
+	  if [ "$$(id -u)" = 0 ]; then \
+	    echo "installing Debian packages:$$missing"; \
+	    apt-get install -y -qq $$missing >/dev/null || (apt-get update -qq && apt-get install -y -qq $$missing >/dev/null); \
+	  else \
+	    echo "missing Debian packages:$$missing -- run: sudo apt-get install$$missing"; \
+	  fi; \
+	fi
+
+demo: venv
+	$(BIN)/python -m dis_dist.train --config configs/demo_fmnist.yaml
+
+test: venv
+	$(BIN)/python -m pytest -q --durations=15
+
+test-fast: venv
+	$(BIN)/python -m pytest -q -m "not slow"
+
+lint: venv
+	$(BIN)/ruff check dis_dist tests tools
+
+clean:
+	rm -rf $(VENV) .cache runs .pytest_cache

@@ -1,0 +1,302 @@
+"""Typed run configuration: dataclasses <- YAML file + ``section.key=value`` overrides.
+
+Every key is documented in README.md ("Config reference"). Unknown keys, wrong types and
+impossible values raise :class:`ConfigError` naming the key and the valid choices, before any
+work starts.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from dis_dist.errors import ConfigError
+
+
+@dataclass
+class ModelConfig:
+    name: str = "DiS-S/2"  # a registry name, DiS-{T,S,B,M,L,H}/{2,4,8}
+    conditional: bool = True  # class-conditional on the data's labels; false: unconditional
+    learn_sigma: bool = True
+    class_dropout_prob: float = 0.1  # labels dropped to the null class (classifier-free guidance)
+    drop_path_rate: float = 0.1
+    scan_backend: str = "auto"  # selective-scan backend; $DIS_SCAN_BACKEND overrides "auto"
+
+
+@dataclass
+class DataConfig:
+    source: Literal["fmnist"] = "fmnist"
+    root: str = "/usr/share/datasets/fashion-mnist"
+    split: Literal["train", "test"] = "train"
+    image_size: int = 32  # the spatial size the model sees (Fashion-MNIST is padded 28 -> 32)
+    random_flip: bool = True
+
+
+@dataclass
+class DiffusionConfig:
+    num_steps: int = 1000
+    schedule: Literal["linear", "cosine"] = "linear"
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 1e-4
+    weight_decay: float = 0.0
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    eps: float = 1e-8
+    warmup_steps: int = 0
+    schedule: Literal["constant", "cosine"] = "constant"
+    min_lr: float = 0.0  # the floor of the cosine schedule
+    grad_clip: float = 1.0  # max global gradient norm; 0 disables clipping
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 400_000  # optimiser steps
+    global_batch: int = 256  # images per optimiser step, all ranks together
+    micro_batch: int = 256  # images per forward/backward on one rank
+    precision: Literal["fp32", "bf16"] = "fp32"  # bf16: autocast, fp32 master weights
+    ema_decay: float = 0.9999
+    ema_warmup: bool = False  # decay = min(ema_decay, (1 + n) / (10 + n)) at update n
+    seed: int = 0
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+
+
+@dataclass
+class SampleConfig:
+    every: int = 10_000  # steps between EMA sample grids in TensorBoard; 0 disables
+    num: int = 40  # images in a grid
+    steps: str = "100"  # respacing of the sampler: "250", "ddim50", ...
+    sampler: Literal["ddpm", "ddim"] = "ddpm"
+    ddim_eta: float = 0.0
+    cfg_scale: float = 1.0  # classifier-free guidance scale; 1 = none
+    cfg_channels: Literal["all", "first3"] = "all"
+    clip_denoised: bool = False  # clip predicted x0 to [-1, 1] (pixel space)
+    seed: int = 0  # fixed noise and labels, so grids are comparable across the run
+
+
+@dataclass
+class CheckpointConfig:
+    every: int = 5000  # steps between checkpoints; 0 saves only at the end
+    keep_last: int = 3  # complete checkpoints kept; older ones are deleted
+
+
+@dataclass
+class LogConfig:
+    every: int = 100  # steps between scalar logs and console lines
+
+
+@dataclass
+class DistConfig:
+    strategy: Literal["single"] = "single"
+
+
+@dataclass
+class RunConfig:
+    run_dir: str = "runs/default"
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    sample: SampleConfig = field(default_factory=SampleConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+    dist: DistConfig = field(default_factory=DistConfig)
+
+
+# -- conversion ------------------------------------------------------------------------------
+
+def _suggest(key: str, choices: list[str]) -> str:
+    close = difflib.get_close_matches(key, choices, n=1)
+    return f"did you mean {close[0]!r}? " if close else ""
+
+
+def _coerce(value: Any, hint: Any, key: str) -> Any:
+    """Check/convert one YAML value against a field's type hint."""
+    origin = typing.get_origin(hint)
+    if origin is Literal:
+        choices = typing.get_args(hint)
+        if value not in choices:
+            raise ConfigError(
+                f"{key}: {value!r} is not valid; choose one of: {', '.join(map(str, choices))}"
+            )
+        return value
+    if origin is list:
+        (item,) = typing.get_args(hint)
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key}: expected a list, got {value!r}")
+        return [_coerce(v, item, f"{key}[{i}]") for i, v in enumerate(value)]
+    if hint is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{key}: expected true or false, got {value!r}")
+    if hint is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise ConfigError(f"{key}: expected an integer, got {value!r}")
+    if hint is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):  # YAML 1.1 reads "1e-4" as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        raise ConfigError(f"{key}: expected a number, got {value!r}")
+    if hint is str:
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            return str(value)
+        raise ConfigError(f"{key}: expected a string, got {value!r}")
+    raise TypeError(f"unsupported config type {hint!r} for {key}")  # a bug in this module
+
+
+def _build(cls: type, data: dict[str, Any], prefix: str) -> Any:
+    if not isinstance(data, dict):
+        raise ConfigError(f"{prefix.rstrip('.') or 'config'}: expected a mapping of keys, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for key, value in data.items():
+        path = f"{prefix}{key}"
+        if key not in hints:
+            raise ConfigError(
+                f"unknown config key {path!r}; {_suggest(key, names)}"
+                f"valid keys{' under ' + repr(prefix[:-1]) if prefix else ''}: {', '.join(names)}"
+            )
+        hint = hints[key]
+        if dataclasses.is_dataclass(hint):
+            kwargs[key] = _build(hint, value or {}, f"{path}.")
+        else:
+            kwargs[key] = _coerce(value, hint, path)
+    return cls(**kwargs)
+
+
+def to_dict(cfg: RunConfig) -> dict[str, Any]:
+    return dataclasses.asdict(cfg)
+
+
+def _set_path(tree: dict[str, Any], dotted: str, value: Any) -> None:
+    parts = dotted.split(".")
+    node = tree
+    for part in parts[:-1]:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"override {dotted!r}: {part!r} is a value, not a section")
+        node = child
+    node[parts[-1]] = value
+
+
+def parse_overrides(overrides: list[str]) -> dict[str, Any]:
+    """["train.steps=10", "model.name=DiS-S/2"] -> nested dict (values parsed as YAML)."""
+    tree: dict[str, Any] = {}
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"override {item!r} is not of the form section.key=value")
+        _set_path(tree, key.strip(), yaml.safe_load(raw) if raw.strip() else "")
+    return tree
+
+
+def _merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for k, v in update.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> RunConfig:
+    """Defaults <- YAML file <- overrides, converted and checked (not yet validated against
+    the world size: see :func:`validate`)."""
+    data: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file {str(path)!r} does not exist")
+        try:
+            data = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"config file {str(path)!r} is not valid YAML: {e}") from None
+    data = _merge(data, parse_overrides(overrides or []))
+    cfg = _build(RunConfig, data, "")
+    validate(cfg)
+    return cfg
+
+
+def config_from_dict(data: dict[str, Any]) -> RunConfig:
+    """Rebuild a config saved with :func:`save_config` (or :func:`to_dict`)."""
+    cfg = _build(RunConfig, data, "")
+    validate(cfg)
+    return cfg
+
+
+def save_config(cfg: RunConfig, path: str | Path) -> None:
+    Path(path).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+
+
+def validate(cfg: RunConfig, world_size: int = 1) -> None:
+    """Cross-field checks; raises ConfigError naming the key."""
+    from dis_dist.models.dis import parse_model_name  # models import config-free modules only
+
+    _, patch = parse_model_name(cfg.model.name)
+    if cfg.data.image_size % patch:
+        raise ConfigError(
+            f"data.image_size={cfg.data.image_size} is not divisible by the patch size {patch} "
+            f"of model.name={cfg.model.name!r}"
+        )
+    positive = {
+        "train.steps": cfg.train.steps,
+        "train.global_batch": cfg.train.global_batch,
+        "train.micro_batch": cfg.train.micro_batch,
+        "data.image_size": cfg.data.image_size,
+        "diffusion.num_steps": cfg.diffusion.num_steps,
+        "log.every": cfg.log.every,
+        "checkpoint.keep_last": cfg.checkpoint.keep_last,
+        "optim.lr": cfg.optim.lr,
+    }
+    for key, value in positive.items():
+        if value <= 0:
+            raise ConfigError(f"{key} must be positive, got {value}")
+    non_negative = {
+        "sample.every": cfg.sample.every,
+        "checkpoint.every": cfg.checkpoint.every,
+        "optim.warmup_steps": cfg.optim.warmup_steps,
+        "optim.grad_clip": cfg.optim.grad_clip,
+        "optim.weight_decay": cfg.optim.weight_decay,
+        "sample.ddim_eta": cfg.sample.ddim_eta,
+    }
+    for key, value in non_negative.items():
+        if value < 0:
+            raise ConfigError(f"{key} must be >= 0, got {value}")
+    for key, value in {
+        "train.ema_decay": cfg.train.ema_decay,
+        "model.class_dropout_prob": cfg.model.class_dropout_prob,
+        "model.drop_path_rate": cfg.model.drop_path_rate,
+    }.items():
+        if not 0.0 <= value < 1.0:
+            raise ConfigError(f"{key} must be in [0, 1), got {value}")
+    if len(cfg.optim.betas) != 2 or not all(0.0 <= b < 1.0 for b in cfg.optim.betas):
+        raise ConfigError(f"optim.betas must be two numbers in [0, 1), got {cfg.optim.betas}")
+    per_step = cfg.train.micro_batch * world_size
+    if cfg.train.global_batch % per_step:
+        raise ConfigError(
+            f"train.global_batch={cfg.train.global_batch} is not divisible by "
+            f"train.micro_batch x world size = {cfg.train.micro_batch} x {world_size}; "
+            f"pick a global batch that is a multiple of {per_step}"
+        )
+    if cfg.sample.num <= 0 and cfg.sample.every > 0:
+        raise ConfigError(f"sample.num must be positive when sample.every > 0, got {cfg.sample.num}")
+    from dis_dist.diffusion.schedule import space_timesteps
+
+    space_timesteps(cfg.diffusion.num_steps, cfg.sample.steps)  # raises ConfigError if impossible
+
+
+def grad_accumulation(cfg: RunConfig, world_size: int) -> int:
+    """Micro-batches per optimiser step on each rank."""
+    return cfg.train.global_batch // (cfg.train.micro_batch * world_size)

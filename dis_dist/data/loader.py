@@ -1,0 +1,77 @@
+"""An endless, deterministic, rank-sharded batch iterator whose position can be saved and restored."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from dis_dist.data.base import ImageDataset
+from dis_dist.errors import DataError
+
+
+class BatchLoader:
+    """Batches of ``batch_size`` from this rank's share of a fresh permutation each epoch.
+
+    Everything random is a pure function of (seed, epoch, batch index, rank), so the state is
+    just the position: a resumed run sees exactly the batches the uninterrupted run would.
+    """
+
+    def __init__(
+        self,
+        dataset: ImageDataset,
+        batch_size: int,
+        *,
+        seed: int,
+        rank: int = 0,
+        world_size: int = 1,
+        random_flip: bool = False,
+    ) -> None:
+        self.dataset, self.batch_size = dataset, batch_size
+        self.seed, self.rank, self.world_size = seed, rank, world_size
+        self.random_flip = random_flip
+        self.per_rank = len(dataset) // world_size
+        self.batches_per_epoch = self.per_rank // batch_size
+        if self.batches_per_epoch == 0:
+            raise DataError(
+                f"the dataset has {len(dataset)} samples: fewer than one micro-batch of "
+                f"{batch_size} per rank over {world_size} rank(s)"
+            )
+        self.epoch, self.index = 0, 0
+        self._order: Tensor | None = None
+
+    def _generator(self, *key: int) -> torch.Generator:
+        seed = self.seed
+        for k in key:
+            seed = (seed * 1_000_003 + k) % (2**63 - 1)
+        return torch.Generator().manual_seed(seed)
+
+    def _epoch_order(self) -> Tensor:
+        if self._order is None:
+            perm = torch.randperm(len(self.dataset), generator=self._generator(self.epoch))
+            self._order = perm[self.rank : self.per_rank * self.world_size : self.world_size]
+        return self._order
+
+    def __iter__(self) -> BatchLoader:
+        return self
+
+    def __next__(self) -> tuple[Tensor, Tensor]:
+        if self.index >= self.batches_per_epoch:
+            self.epoch, self.index, self._order = self.epoch + 1, 0, None
+        start = self.index * self.batch_size
+        indices = self._epoch_order()[start : start + self.batch_size]
+        x, y = self.dataset.batch(indices)
+        if self.random_flip:
+            g = self._generator(self.epoch, self.index, self.rank, 1)
+            flip = torch.rand(len(indices), generator=g) < 0.5
+            x = torch.where(flip[:, None, None, None], x.flip(-1), x)
+        self.index += 1
+        return x, y
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"epoch": self.epoch, "index": self.index, "seed": self.seed,
+                "world_size": self.world_size, "batch_size": self.batch_size}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.epoch, self.index, self._order = int(state["epoch"]), int(state["index"]), None

@@ -1,0 +1,21 @@
+"""The project's exception types: errors a user can cause, each with a message naming the fix."""
+
+
+class DisDistError(Exception):
+    """Base class of every error a user can cause (config, data, paths, environment)."""
+
+
+class ConfigError(DisDistError, ValueError):
+    """A configuration key, value or combination is invalid."""
+
+
+class DataError(DisDistError):
+    """Input data is missing, unreadable or inconsistent."""
+
+
+class CheckpointError(DisDistError):
+    """A checkpoint is missing, incomplete or does not match the run."""
+
+
+class BackendError(DisDistError, RuntimeError):
+    """A requested compute backend cannot run here."""

@@ -1,0 +1,209 @@
+"""The DiS backbone: [class, time, patch] tokens through U-shaped bidirectional-Mamba blocks.
+
+Follows the published DiS model (Fei et al., 2024): depth d means d/2 in-blocks, a middle block
+and d/2 out-blocks with U-ViT long skips; blocks are Add -> RMSNorm -> mixer with no MLP.
+Deviation, on purpose: the final linear and its modulation are zero-initialised (DiT practice).
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from dis_dist.errors import ConfigError
+from dis_dist.models.layers import DropPath, FinalLayer, LabelEmbedder, TimestepEmbedder
+from dis_dist.models.mamba import BiMamba
+
+
+@dataclass(frozen=True)
+class ModelSize:
+    width: int
+    depth: int
+
+
+# "T" (tiny) is ours, for the CPU demo and tests; the others are the paper's.
+SIZES: dict[str, ModelSize] = {
+    "T": ModelSize(192, 8),
+    "S": ModelSize(368, 24),
+    "B": ModelSize(768, 24),
+    "M": ModelSize(768, 48),
+    "L": ModelSize(1024, 48),
+    "H": ModelSize(1536, 48),
+}
+PATCH_SIZES = (2, 4, 8)
+MODEL_NAMES: tuple[str, ...] = tuple(f"DiS-{s}/{p}" for s in SIZES for p in PATCH_SIZES)
+_NAME = re.compile(r"^DiS-([A-Z])/(\d+)$")
+
+
+class DiSBlock(nn.Module):
+    """[skip projection] -> residual add (stochastic depth) -> RMSNorm -> bidirectional Mamba.
+
+    Returns (mixer output, residual stream): the mixer output is what a long skip carries.
+    """
+
+    def __init__(
+        self, width: int, drop_path: float, skip: bool, norm_eps: float, **mixer_kwargs: object
+    ) -> None:
+        super().__init__()
+        self.skip_linear = nn.Linear(2 * width, width) if skip else None
+        self.norm = nn.RMSNorm(width, eps=norm_eps)
+        self.mixer = BiMamba(width, **mixer_kwargs)
+        self.drop_path = DropPath(drop_path)
+
+    def forward(
+        self, hidden: Tensor, residual: Tensor | None, skip: Tensor | None = None
+    ) -> tuple[Tensor, Tensor]:
+        if self.skip_linear is not None:
+            hidden = self.skip_linear(torch.cat([hidden, skip], dim=-1))
+        residual = hidden if residual is None else residual + self.drop_path(hidden)
+        return self.mixer(self.norm(residual)), residual
+
+
+class DiS(nn.Module):
+    """DiS: images/latents (b, C, H, W), timesteps (b,), labels (b,) -> (b, out_channels, H, W).
+
+    ``num_classes=0`` builds an unconditional model (no class token, no modulation); otherwise
+    label ``num_classes`` is the null class used for classifier-free guidance.
+    """
+
+    def __init__(
+        self,
+        *,
+        input_size: int,
+        patch_size: int,
+        in_channels: int,
+        width: int,
+        depth: int,
+        num_classes: int,
+        learn_sigma: bool = True,
+        class_dropout_prob: float = 0.1,
+        drop_path_rate: float = 0.1,
+        d_state: int = 16,
+        d_conv: int = 4,
+        expand: int = 2,
+        norm_eps: float = 1e-5,
+        scan_backend: str = "auto",
+    ) -> None:
+        super().__init__()
+        if input_size % patch_size:
+            raise ConfigError(f"input size {input_size} is not divisible by patch size {patch_size}")
+        if depth % 2:
+            raise ConfigError(f"depth must be even (d/2 in-blocks, a middle block, d/2 out-blocks), got {depth}")
+        self.input_size, self.patch_size, self.in_channels = input_size, patch_size, in_channels
+        self.width, self.depth, self.num_classes = width, depth, num_classes
+        self.out_channels = 2 * in_channels if learn_sigma else in_channels
+        self.num_patches = (input_size // patch_size) ** 2
+        self.num_prefix = 2 if num_classes > 0 else 1
+
+        self.patch_embed = nn.Conv2d(in_channels, width, patch_size, stride=patch_size)
+        self.time_embed = TimestepEmbedder(width)
+        self.label_embed = (
+            LabelEmbedder(num_classes, width, class_dropout_prob) if num_classes > 0 else None
+        )
+        self.pos_embed = nn.Parameter(torch.zeros(1, self.num_prefix + self.num_patches, width))
+
+        rates = [0.0] + torch.linspace(0, drop_path_rate, depth, device="cpu").tolist()
+        mixer = dict(d_state=d_state, d_conv=d_conv, expand=expand, scan_backend=scan_backend)
+        half = depth // 2
+        self.in_blocks = nn.ModuleList(
+            DiSBlock(width, rates[i], False, norm_eps, **mixer) for i in range(half)
+        )
+        self.mid_block = DiSBlock(width, rates[half], False, norm_eps, **mixer)
+        self.out_blocks = nn.ModuleList(
+            DiSBlock(width, rates[half + 1 + i], True, norm_eps, **mixer) for i in range(half)
+        )
+        self.norm_f = nn.RMSNorm(width, eps=norm_eps)
+        self.final_drop_path = DropPath(drop_path_rate)
+        self.final_layer = FinalLayer(width, patch_size, self.out_channels, num_classes > 0)
+        self.initialize_weights()
+
+    @torch.no_grad()
+    def initialize_weights(self) -> None:
+        """Mamba-style init (zero biases but dt's, N(0, 0.02) embeddings, out_proj scaled by
+        1/sqrt(depth)); positional embedding zero; final layer zero (DiT)."""
+        for module in self.modules():
+            if isinstance(module, nn.Linear) and module.bias is not None:
+                if not getattr(module.bias, "_no_reinit", False):
+                    nn.init.zeros_(module.bias)
+            elif isinstance(module, nn.Embedding):
+                nn.init.normal_(module.weight, std=0.02)
+        for mixer in self._mixers():
+            nn.init.kaiming_uniform_(mixer.out_proj.weight, a=math.sqrt(5))
+            mixer.out_proj.weight /= math.sqrt(self.depth)
+        self.pos_embed.zero_()
+        self.final_layer.reset_parameters()
+
+    def _mixers(self) -> Iterator[BiMamba]:
+        return (block.mixer for block in self.blocks())
+
+    def blocks(self) -> list[DiSBlock]:
+        """All blocks in execution order (the units of sharding and activation checkpointing)."""
+        return [*self.in_blocks, self.mid_block, *self.out_blocks]
+
+    def unpatchify(self, x: Tensor) -> Tensor:
+        """(b, h*w, p*p*C) -> (b, C, h*p, w*p), raster order of patches."""
+        p, c = self.patch_size, self.out_channels
+        h = w = self.input_size // p
+        x = x.reshape(x.shape[0], h, w, p, p, c)
+        return torch.einsum("nhwpqc->nchpwq", x).reshape(x.shape[0], c, h * p, w * p)
+
+    def forward(self, x: Tensor, t: Tensor, y: Tensor | None = None) -> Tensor:
+        tokens = self.patch_embed(x).flatten(2).transpose(1, 2)
+        time_token = self.time_embed(t)
+        prefix, cond = [time_token[:, None]], None
+        if self.label_embed is not None:
+            if y is None:
+                raise ValueError("a class-conditional DiS needs labels y (use num_classes for the null class)")
+            label_token = self.label_embed(y)
+            prefix.insert(0, label_token[:, None])
+            cond = time_token + label_token
+        hidden = torch.cat(prefix + [tokens.to(time_token.dtype)], dim=1) + self.pos_embed
+
+        residual, skips = None, []
+        for block in self.in_blocks:
+            hidden, residual = block(hidden, residual)
+            skips.append(hidden)
+        hidden, residual = self.mid_block(hidden, residual)
+        for block in self.out_blocks:
+            hidden, residual = block(hidden, residual, skips.pop())
+        hidden = self.norm_f(residual + self.final_drop_path(hidden))
+        out = self.final_layer(hidden, cond)[:, self.num_prefix :]
+        return self.unpatchify(out)
+
+
+def parse_model_name(name: str) -> tuple[ModelSize, int]:
+    """'DiS-H/2' -> (its width/depth, patch size). Unknown names raise ConfigError."""
+    m = _NAME.match(name)
+    if not m or m.group(1) not in SIZES or int(m.group(2)) not in PATCH_SIZES:
+        raise ConfigError(f"unknown model {name!r}; choose one of: {', '.join(MODEL_NAMES)}")
+    return SIZES[m.group(1)], int(m.group(2))
+
+
+def build_model(
+    name: str,
+    *,
+    input_size: int,
+    in_channels: int,
+    num_classes: int,
+    learn_sigma: bool = True,
+    **kwargs: object,
+) -> DiS:
+    """Build a registry model, e.g. ``build_model("DiS-H/2", input_size=32, in_channels=4,
+    num_classes=1000)``. Extra keyword arguments go to :class:`DiS` (drop_path_rate,
+    class_dropout_prob, scan_backend, ...)."""
+    size, patch = parse_model_name(name)
+    return DiS(
+        input_size=input_size,
+        patch_size=patch,
+        in_channels=in_channels,
+        width=size.width,
+        depth=size.depth,
+        num_classes=num_classes,
+        learn_sigma=learn_sigma,
+        **kwargs,
+    )

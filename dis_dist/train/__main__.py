@@ -1,0 +1,46 @@
+"""``python -m dis_dist.train --config configs/X.yaml [section.key=value ...] [--resume auto]``."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from dis_dist.config import load_config
+from dis_dist.errors import DisDistError
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        prog="python -m dis_dist.train",
+        description="Train a DiS diffusion model. Settings come from a YAML config, then "
+        "section.key=value overrides (see README: Config reference).",
+    )
+    p.add_argument("--config", help="YAML run config (default: built-in defaults)")
+    p.add_argument(
+        "--resume", default="auto",
+        help="'auto' (newest complete checkpoint in the run dir, else start fresh), 'none', "
+        "or a checkpoint directory (default: auto)",
+    )
+    p.add_argument("overrides", nargs="*", help="config overrides, e.g. train.steps=1000 model.name=DiS-S/2")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    try:
+        cfg = load_config(args.config, args.overrides)
+        from dis_dist.train.trainer import Trainer  # after config errors, which need no torch work
+
+        result = Trainer(cfg).fit(resume=args.resume)
+    except DisDistError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if result.samples_png is not None:
+        print(f"final loss {result.final_loss:.4f} after {result.step} steps; samples: {result.samples_png}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,109 @@
+"""Config loading, overrides and every class of config error."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from dis_dist.config import (
+    RunConfig,
+    config_from_dict,
+    grad_accumulation,
+    load_config,
+    save_config,
+    to_dict,
+    validate,
+)
+from dis_dist.errors import ConfigError
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_defaults_and_overrides_typed():
+    cfg = load_config(None, ["train.steps=12", "optim.lr=1e-3", "model.name=DiS-H/2", "optim.betas=[0.9, 0.95]",
+                             "train.ema_warmup=true", "sample.steps=ddim25"])
+    assert cfg.train.steps == 12 and isinstance(cfg.train.steps, int)
+    assert cfg.optim.lr == 1e-3 and isinstance(cfg.optim.lr, float)  # YAML 1.1 reads "1e-3" as a string
+    assert cfg.model.name == "DiS-H/2" and cfg.optim.betas == [0.9, 0.95]
+    assert cfg.train.ema_warmup is True and cfg.sample.steps == "ddim25"
+
+
+def test_yaml_file_then_overrides(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("run_dir: /tmp/x\ntrain:\n  steps: 5\n  micro_batch: 8\n  global_batch: 16\n")
+    cfg = load_config(path, ["train.steps=7"])
+    assert (cfg.run_dir, cfg.train.steps, cfg.train.micro_batch) == ("/tmp/x", 7, 8)
+    assert grad_accumulation(cfg, 1) == 2 and grad_accumulation(cfg, 2) == 1
+
+
+def test_saved_config_round_trips(tmp_path):
+    cfg = load_config(None, ["train.steps=3", "optim.schedule=cosine"])
+    save_config(cfg, tmp_path / "config.yaml")
+    again = load_config(tmp_path / "config.yaml")
+    assert to_dict(again) == to_dict(cfg)
+    assert to_dict(config_from_dict(to_dict(cfg))) == to_dict(cfg)
+
+
+def test_shipped_configs_load():
+    for path in sorted((ROOT / "configs").glob("*.yaml")):
+        assert isinstance(load_config(path), RunConfig), path
+
+
+@pytest.mark.parametrize(
+    "overrides,pattern",
+    [
+        (["train.stpes=3"], r"unknown config key 'train.stpes'; did you mean 'steps'"),
+        (["trian.steps=3"], r"unknown config key 'trian'.*valid keys: run_dir, model"),
+        (["train.steps=abc"], r"train.steps: expected an integer"),
+        (["train.steps=1.5"], r"train.steps: expected an integer"),
+        (["train.ema_warmup=maybe"], r"train.ema_warmup: expected true or false"),
+        (["optim.lr=fast"], r"optim.lr: expected a number"),
+        (["optim.betas=0.9"], r"optim.betas: expected a list"),
+        (["train.precision=fp8"], r"train.precision: 'fp8' is not valid; choose one of: fp32, bf16"),
+        (["optim.schedule=linear"], r"choose one of: constant, cosine"),
+        (["model.name=DiS-Z/2"], r"unknown model 'DiS-Z/2'; choose one of: DiS-T/2"),
+        (["model.name=DiS-S/8", "data.image_size=28"], r"data.image_size=28 is not divisible by the patch size 8"),
+        (["train.global_batch=10", "train.micro_batch=4"], r"global_batch=10 is not divisible by"),
+        (["train.steps=0"], r"train.steps must be positive"),
+        (["optim.warmup_steps=-1"], r"optim.warmup_steps must be >= 0"),
+        (["train.ema_decay=1.0"], r"train.ema_decay must be in \[0, 1\)"),
+        (["optim.betas=[0.9]"], r"optim.betas must be two numbers"),
+        (["sample.steps=fast"], r"timestep respacing 'fast'"),
+        (["sample.steps=2000"], r"cannot divide a section"),
+        (["train=3"], r"train: expected a mapping"),
+        (["train.steps"], r"not of the form section.key=value"),
+        (["train.steps.x=1"], r"'steps' is a value, not a section"),
+    ],
+)
+def test_config_errors_name_the_key(overrides, pattern):
+    with pytest.raises(ConfigError, match=pattern):
+        load_config(None, overrides)
+
+
+def test_world_size_divisibility():
+    cfg = load_config(None, ["train.global_batch=32", "train.micro_batch=8"])
+    validate(cfg, world_size=4)
+    with pytest.raises(ConfigError, match="micro_batch x world size = 8 x 3"):
+        validate(cfg, world_size=3)
+
+
+def test_missing_and_invalid_files(tmp_path):
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(tmp_path / "nope.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("train: [1, 2\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(bad)
+
+
+def test_cli_reports_config_errors_before_any_work():
+    result = subprocess.run(
+        [sys.executable, "-m", "dis_dist.train", "train.micro_batch=0"],
+        capture_output=True, text=True, cwd=ROOT,
+    )
+    assert result.returncode == 2
+    assert "error: train.micro_batch must be positive" in result.stderr
+    assert "Traceback" not in result.stderr

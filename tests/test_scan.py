@@ -1,0 +1,188 @@
+"""The selective scan: the reference recurrence, the chunked backend against it, dispatch."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from dis_dist.errors import BackendError
+from dis_dist.ops.selective_scan import (
+    available_backends,
+    bidirectional_selective_scan,
+    resolve_backend,
+    selective_scan,
+)
+from dis_dist.ops.selective_scan.chunked import chunk_backward, chunk_forward
+
+F64 = torch.float64
+
+
+def _inputs(b=2, d=3, L=9, N=4, dtype=F64, scale_delta=1.0, requires_grad=True, seed=0):
+    g = torch.Generator().manual_seed(seed)
+
+    def r(*shape):
+        return torch.randn(*shape, generator=g, dtype=dtype)
+
+    t = dict(
+        u=r(b, d, L), delta=r(b, d, L) * scale_delta, A=-torch.rand(d, N, generator=g, dtype=dtype) * 3,
+        B=r(b, N, L), C=r(b, N, L), D=r(d), z=r(b, d, L), delta_bias=r(d), initial_state=r(b, d, N),
+    )
+    if requires_grad:
+        for v in t.values():
+            v.requires_grad_(True)
+    return t
+
+
+def _naive(u, delta, A, B, C, D, z, delta_bias, initial_state):
+    """The recurrence written out, one scalar formula per step."""
+    delta = F.softplus(delta + delta_bias[:, None])
+    h = initial_state.clone()
+    ys = []
+    for t in range(u.shape[-1]):
+        h = torch.exp(delta[:, :, t, None] * A) * h + (delta[:, :, t] * u[:, :, t])[..., None] * B[:, None, :, t]
+        ys.append((h * C[:, None, :, t]).sum(-1))
+    y = torch.stack(ys, -1) + u * D[:, None]
+    return y * F.silu(z), h
+
+
+def test_reference_matches_the_written_out_recurrence():
+    t = _inputs(requires_grad=False)
+    y, last = selective_scan(**t, delta_softplus=True, return_last_state=True, backend="reference")
+    y0, last0 = _naive(**t)
+    assert torch.allclose(y, y0, rtol=1e-12, atol=1e-12)
+    assert torch.allclose(last, last0, rtol=1e-12, atol=1e-12)
+
+
+def _graph_nodes(tensor):
+    seen, stack, names = set(), [tensor.grad_fn], []
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        names.append(type(node).__name__)
+        stack.extend(n for n, _ in node.next_functions)
+    return names
+
+
+@pytest.mark.parametrize("L", [16, 64])
+def test_reference_autograd_graph_is_linear_in_length(L):
+    """No per-step slicing of a big tensor (which makes the backward quadratic): the graph has
+    a constant number of nodes per step and no Select/Slice nodes."""
+    t = _inputs(L=L)
+    y = selective_scan(**t, delta_softplus=True, backend="reference")
+    names = _graph_nodes(y)
+    assert not [n for n in names if n.startswith(("SelectBackward", "SliceBackward"))]
+    per_step = len(names) / L
+    assert per_step < 12
+
+
+@pytest.mark.parametrize("L,chunk", [(1, 4), (7, 4), (4, 4), (11, 4), (9, 3), (33, 8)])
+def test_chunked_matches_reference_float64(L, chunk):
+    t = _inputs(L=L, scale_delta=2.0)
+    args = dict(delta_softplus=True, return_last_state=True)
+    y_ref, last_ref = selective_scan(**t, **args, backend="reference")
+    y, last = selective_scan(**t, **args, backend="chunked") if chunk == 4 else _chunked(t, chunk)
+    assert torch.allclose(y, y_ref, rtol=1e-10, atol=1e-12)
+    assert torch.allclose(last, last_ref, rtol=1e-10, atol=1e-12)
+    gy, gl = torch.randn_like(y), torch.randn_like(last)
+    names = list(t)
+    g_ref = torch.autograd.grad((y_ref * gy).sum() + (last_ref * gl).sum(), [t[n] for n in names])
+    g = torch.autograd.grad((y * gy).sum() + (last * gl).sum(), [t[n] for n in names])
+    for name, a, b in zip(names, g, g_ref):
+        assert torch.allclose(a, b, rtol=1e-9, atol=1e-11), name
+
+
+def _chunked(t, chunk):
+    from dis_dist.ops.selective_scan.chunked import selective_scan_chunked
+
+    return selective_scan_chunked(**t, delta_softplus=True, return_last_state=True, chunk_size=chunk)
+
+
+def test_chunked_gradcheck():
+    from dis_dist.ops.selective_scan.chunked import selective_scan_chunked
+
+    t = _inputs(b=1, d=2, L=6, N=3)
+    names = list(t)
+
+    def f(*args):
+        kw = dict(zip(names, args))
+        return selective_scan_chunked(**kw, delta_softplus=True, return_last_state=True, chunk_size=4)
+
+    assert torch.autograd.gradcheck(f, tuple(t[n] for n in names))
+
+
+def test_bidirectional_is_forward_plus_reversed_scan():
+    g = torch.Generator().manual_seed(1)
+    b, d, L, N = 2, 3, 10, 4
+
+    def r(*s):
+        return torch.randn(*s, generator=g, dtype=F64)
+
+    u, delta, B, C = r(2, b, d, L), r(2, b, d, L), r(2, b, N, L), r(2, b, N, L)
+    A, D, bias, z = -torch.rand(2, d, N, generator=g, dtype=F64), r(2, d), r(2, d), r(b, d, L)
+    expected = 0
+    for k, flip in ((0, False), (1, True)):
+        def o(t):
+            return t.flip(-1) if flip else t
+
+        y = selective_scan(o(u[k]), o(delta[k]), A[k], o(B[k]), o(C[k]), D[k], None, bias[k], True,
+                           backend="reference")
+        expected = expected + o(y)
+    expected = expected * F.silu(z)
+    for backend in ("reference", "chunked"):
+        got = bidirectional_selective_scan(u, delta, A, B, C, D, z, bias, True, backend=backend)
+        assert torch.allclose(got, expected, rtol=1e-10, atol=1e-12), backend
+
+
+def test_chunk_kernels_are_consistent():
+    """chunk_backward's gradients are those of chunk_forward under autograd."""
+    g = torch.Generator().manual_seed(2)
+    T, S, d, N = 5, (2,), 3, 4
+    delta = torch.rand(T, *S, d, generator=g, dtype=F64, requires_grad=True)
+    du = torch.randn(T, *S, d, generator=g, dtype=F64, requires_grad=True)
+    A = (-torch.rand(d, N, generator=g, dtype=F64)).requires_grad_()
+    B = torch.randn(T, *S, N, generator=g, dtype=F64, requires_grad=True)
+    C = torch.randn(T, *S, N, generator=g, dtype=F64, requires_grad=True)
+    h = torch.randn(*S, d, N, generator=g, dtype=F64, requires_grad=True)
+    y, h_end = chunk_forward(delta, du, A, B, C, h)
+    gy, gh = torch.randn_like(y), torch.randn_like(h_end)
+    auto = torch.autograd.grad((y * gy).sum() + (h_end * gh).sum(), (delta, du, A, B, C, h))
+    manual = chunk_backward(delta.detach(), du.detach(), A.detach(), B.detach(), C.detach(), h.detach(), gy, gh)
+    manual = (manual[0], manual[1], manual[2].sum(0), manual[3], manual[4], manual[5])
+    for a, m in zip(auto, manual):
+        assert torch.allclose(a, m, rtol=1e-12, atol=1e-12)
+
+
+def test_dispatch_auto_env_and_errors(monkeypatch):
+    assert resolve_backend("auto", torch.device("cpu")).name == "chunked"
+    monkeypatch.setenv("DIS_SCAN_BACKEND", "reference")
+    assert resolve_backend("auto", torch.device("cpu")).name == "reference"
+    monkeypatch.setenv("DIS_SCAN_BACKEND", "nope")
+    with pytest.raises(BackendError, match="DIS_SCAN_BACKEND"):
+        resolve_backend("auto", torch.device("cpu"))
+    with pytest.raises(BackendError, match="choose one of"):
+        resolve_backend("fastest", torch.device("cpu"))
+    assert {"reference", "chunked"} <= set(available_backends("cpu"))
+
+
+@pytest.mark.slow
+def test_compiled_chunk_kernels_match_eager(monkeypatch):
+    """The torch.compile'd kernels (the default on CPU) compute what the eager ones do."""
+    from dis_dist.ops.selective_scan import chunked
+
+    t = _inputs(b=2, d=8, L=13, N=16, dtype=torch.float32, seed=5)
+    args = dict(delta_softplus=True, return_last_state=True, chunk_size=4)
+    names = list(t)
+    results = []
+    for mode in ("0", "1"):
+        monkeypatch.setenv(chunked.COMPILE_ENV, mode)
+        y, last = chunked.selective_scan_chunked(**t, **args)
+        grads = torch.autograd.grad(y.square().sum() + last.sum(), [t[n] for n in names])
+        results.append((y, last, grads))
+    assert chunked._kernels.get("cpu") is not None and "cpu" not in chunked._compile_failed
+    (y0, l0, g0), (y1, l1, g1) = results
+    assert torch.allclose(y0, y1, rtol=1e-5, atol=1e-6) and torch.allclose(l0, l1, rtol=1e-5, atol=1e-6)
+    for name, a, b in zip(names, g0, g1):
+        assert torch.allclose(a, b, rtol=1e-4, atol=1e-5), name
