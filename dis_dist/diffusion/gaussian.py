@@ -216,17 +216,3 @@ class GaussianDiffusion:
                 mean = out.pred_xstart * ab_prev.sqrt() + torch.sqrt(1 - ab_prev - sigma**2) * eps
                 x = mean + sigma * z
             yield x
-
-    def p_sample_loop(self, model: Model, shape: tuple[int, ...], **kwargs: object) -> Tensor:
-        """Ancestral DDPM sampling; returns x_0."""
-        for x in self.p_sample_loop_progressive(model, shape, **kwargs):
-            pass
-        return x
-
-    def ddim_sample_loop(
-        self, model: Model, shape: tuple[int, ...], eta: float = 0.0, **kwargs: object
-    ) -> Tensor:
-        """DDIM sampling (eta = 0: deterministic); returns x_0."""
-        for x in self.p_sample_loop_progressive(model, shape, eta=eta, **kwargs):
-            pass
-        return x

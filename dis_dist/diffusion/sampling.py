@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections import deque
 from collections.abc import Callable
 from typing import Literal
 
@@ -46,7 +47,4 @@ def sample(
         generator=generator,
         eta=None if sampler == "ddpm" else ddim_eta,
     )
-    x = noise
-    for x in steps:
-        pass
-    return x
+    return deque(steps, maxlen=1)[0]

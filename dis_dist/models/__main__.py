@@ -16,7 +16,10 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--channels", type=int, default=4, help="latent channels")
     args = p.parse_args(argv)
     print("Forward FLOPs per image; 1 multiply-add = 2 FLOPs, elementwise ops 1 FLOP each.")
-    header = f"{'model':<10} {'res':>5} {'latent':>7} {'params':>14} {'tokens':>7} {'matmul':>9} {'scan':>8} {'other':>8} {'GFLOPs':>9}"
+    header = (
+        f"{'model':<10} {'res':>5} {'latent':>7} {'params':>14} {'tokens':>7} "
+        f"{'matmul':>9} {'scan':>8} {'other':>8} {'GFLOPs':>9}"
+    )
     print(header)
     print("-" * len(header))
     for res in args.resolutions:

@@ -28,7 +28,7 @@ class ModelSize:
 
 # "T" (tiny) is ours, for the CPU demo and tests; the others are the paper's.
 SIZES: dict[str, ModelSize] = {
-    "T": ModelSize(192, 8),
+    "T": ModelSize(128, 4),
     "S": ModelSize(368, 24),
     "B": ModelSize(768, 24),
     "M": ModelSize(768, 48),

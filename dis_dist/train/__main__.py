@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+from pathlib import Path
 
 from dis_dist.config import load_config
 from dis_dist.errors import DisDistError
@@ -28,7 +29,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S"
+    )
     try:
         cfg = load_config(args.config, args.overrides)
         from dis_dist.train.trainer import Trainer  # after config errors, which need no torch work
@@ -37,8 +40,12 @@ def main(argv: list[str] | None = None) -> int:
     except DisDistError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    print(
+        f"trained {result.step} steps, final loss {result.final_loss:.4f}, in {result.wall_time_s / 60:.1f} min\n"
+        f"run directory: {cfg.run_dir}  (watch: tensorboard --logdir {Path(cfg.run_dir).parent})"
+    )
     if result.samples_png is not None:
-        print(f"final loss {result.final_loss:.4f} after {result.step} steps; samples: {result.samples_png}")
+        print(f"samples: {result.samples_png}")
     return 0
 
 

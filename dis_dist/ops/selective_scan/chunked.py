@@ -1,12 +1,14 @@
 """Sequence-chunked selective scan in plain PyTorch, with a recomputing backward.
 
-The sequence is cut into chunks of T steps (padded to a multiple of T with identity steps:
-delta = 0, so the decay is 1 and the input 0). A custom autograd function keeps only its
-inputs and the states at chunk boundaries (batch x d x N x L/T); its backward recomputes each
-chunk's states from the boundary state and runs the reverse recurrence through the chunk, last
-chunk first. The scan's activation memory therefore does not grow as L x N.
+The sequence is cut into chunks of T steps (the last one may be shorter). A custom autograd
+function keeps only its inputs and the states at chunk boundaries (batch x d x N x L/T); its
+backward recomputes each chunk's states from the boundary state and runs the reverse recurrence
+through the chunk, last chunk first. The scan's activation memory therefore does not grow as
+L x N.
 
-The per-chunk work is two small functions with the T steps unrolled. Under ``torch.compile``
+The per-chunk work is two small functions with the T steps unrolled over time-major inputs
+(one step's slice is contiguous); softplus(delta + bias) and the D skip are folded in. Under
+``torch.compile``
 (the default where it works: a C++ compiler on CPU, Triton on GPU) each becomes a few fused
 kernels that keep the state in registers, which is what makes this backend fast; without it
 they run eagerly with the same results. Decays exp(delta * A) are formed per step from
@@ -15,6 +17,7 @@ delta * A <= 0, so no positive sum is ever exponentiated.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import shutil
@@ -34,47 +37,69 @@ def default_chunk(device: torch.device) -> int:
     return DEFAULT_CHUNK.get(device.type, 8)
 
 
+def _delta(delta_raw: Tensor, bias: Tensor, softplus: bool) -> Tensor:
+    delta = delta_raw + bias
+    return F.softplus(delta) if softplus else delta
+
+
 def chunk_forward(
-    delta: Tensor, du: Tensor, A: Tensor, B: Tensor, C: Tensor, h: Tensor
+    u: Tensor, delta_raw: Tensor, bias: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Tensor, h: Tensor,
+    softplus: bool,
 ) -> tuple[Tensor, Tensor]:
-    """Scan one chunk. delta, du (= delta * u): (T, *S, d); A broadcastable to (*S, d, N);
-    B, C: (T, *S, N); h: the state before the chunk (*S, d, N). Returns y (T, *S, d) and the
-    state after the chunk."""
+    """Scan one chunk of T steps, time-major: u, delta_raw (T, *S, d); bias, D broadcastable
+    to (*S, d); A broadcastable to (*S, d, N); B, C (T, *S, N); h the state before the chunk
+    (*S, d, N). delta = softplus(delta_raw + bias) (or without softplus). Returns y (T, *S, d),
+    D * u included, and the state after the chunk."""
     ys = []
-    for i in range(delta.shape[0]):
-        h = torch.exp(delta[i].unsqueeze(-1) * A) * h + du[i].unsqueeze(-1) * B[i].unsqueeze(-2)
-        ys.append((h * C[i].unsqueeze(-2)).sum(-1))
+    for i in range(u.shape[0]):
+        delta = _delta(delta_raw[i], bias, softplus)
+        u_i = u[i]
+        dA = torch.exp(delta.unsqueeze(-1) * A)
+        h = dA * h + (delta * u_i).unsqueeze(-1) * B[i].unsqueeze(-2)
+        ys.append((h * C[i].unsqueeze(-2)).sum(-1) + D * u_i)
     return torch.stack(ys), h
 
 
 def chunk_backward(
-    delta: Tensor, du: Tensor, A: Tensor, B: Tensor, C: Tensor, h: Tensor, grad_y: Tensor, carry: Tensor
-) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    u: Tensor, delta_raw: Tensor, bias: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Tensor, h: Tensor,
+    softplus: bool, grad_y: Tensor, carry: Tensor,
+) -> tuple[Tensor, ...]:
     """Gradients through one chunk (arguments as :func:`chunk_forward`, plus dL/dy of the chunk
-    and ``carry`` = dL/d(state after the chunk)). Returns dL/d(delta) through the decay,
-    dL/d(du), dL/dA summed over the chunk (unreduced over broadcast axes), dL/dB, dL/dC and
-    dL/d(state before the chunk)."""
-    steps = delta.shape[0]
-    decays, states = [], [h]
+    and ``carry`` = dL/d(state after the chunk)). Returns dL/du, dL/d(delta_raw) (T, *S, d),
+    dL/dB, dL/dC (T, *S, N), the chunk's sums of dL/d(bias) (*S, d), dL/dA (*S, d, N) and dL/dD
+    (*S, d), unreduced over broadcast axes, and dL/d(state before the chunk)."""
+    steps = u.shape[0]
+    deltas, decays, states = [], [], [h]
     for i in range(steps):
-        dA = torch.exp(delta[i].unsqueeze(-1) * A)
+        delta = _delta(delta_raw[i], bias, softplus)
+        dA = torch.exp(delta.unsqueeze(-1) * A)
+        deltas.append(delta)
         decays.append(dA)
-        states.append(dA * states[-1] + du[i].unsqueeze(-1) * B[i].unsqueeze(-2))
+        states.append(dA * states[-1] + (delta * u[i]).unsqueeze(-1) * B[i].unsqueeze(-2))
     g = carry
-    grad_A = None
-    g_delta, g_du, g_B, g_C = [None] * steps, [None] * steps, [None] * steps, [None] * steps
+    g_u, g_delta, g_B, g_C = [None] * steps, [None] * steps, [None] * steps, [None] * steps
+    g_bias = g_A = g_D = None
     for i in range(steps - 1, -1, -1):
-        g = g + grad_y[i].unsqueeze(-1) * C[i].unsqueeze(-2)  # dL/d(state after step i)
-        g_C[i] = (grad_y[i].unsqueeze(-1) * states[i + 1]).sum(-2)
-        q = g * states[i] * decays[i]  # dL/d(delta * A) at step i
-        term = q * delta[i].unsqueeze(-1)
-        grad_A = term if grad_A is None else grad_A + term
-        g_delta[i] = (q * A).sum(-1)
-        g_du[i] = (g * B[i].unsqueeze(-2)).sum(-1)
-        g_B[i] = (g * du[i].unsqueeze(-1)).sum(-2)
+        gy, u_i, B_i, delta = grad_y[i], u[i], B[i], deltas[i]
+        g = g + gy.unsqueeze(-1) * C[i].unsqueeze(-2)  # dL/d(state after step i)
+        g_C[i] = (gy.unsqueeze(-1) * states[i + 1]).sum(-2)
+        q = g * states[i] * decays[i]  # dL/d(delta * A)
+        gBu = (g * B_i.unsqueeze(-2)).sum(-1)  # dL/d(delta * u)
+        g_B[i] = (g * (delta * u_i).unsqueeze(-1)).sum(-2)
+        g_dt = (q * A).sum(-1) + gBu * u_i
+        if softplus:
+            g_dt = g_dt * torch.sigmoid(delta_raw[i] + bias)
+        g_delta[i] = g_dt
+        g_u[i] = gBu * delta + gy * D
+        terms = (g_dt, q * delta.unsqueeze(-1), gy * u_i)
+        if g_bias is None:
+            g_bias, g_A, g_D = terms
+        else:
+            g_bias, g_A, g_D = g_bias + terms[0], g_A + terms[1], g_D + terms[2]
         g = g * decays[i]
     return (
-        torch.stack(g_delta), torch.stack(g_du), grad_A, torch.stack(g_B), torch.stack(g_C), g
+        torch.stack(g_u), torch.stack(g_delta), torch.stack(g_B), torch.stack(g_C),
+        g_bias, g_A, g_D, g,
     )
 
 
@@ -105,7 +130,9 @@ def _get_kernels(device: torch.device) -> tuple[Callable, Callable]:
     if not _compile_wanted(device):
         return chunk_forward, chunk_backward
     if device.type not in _kernels:
-        _kernels[device.type] = (torch.compile(chunk_forward), torch.compile(chunk_backward))
+        _kernels[device.type] = (
+            torch.compile(chunk_forward, dynamic=False), torch.compile(chunk_backward, dynamic=False)
+        )
         log.info("chunked selective scan: compiling its chunk kernels for %s (once per shape)", device.type)
     return _kernels[device.type]
 
@@ -125,54 +152,11 @@ def _run(which: int, device: torch.device, *args: Tensor) -> tuple[Tensor, ...]:
 
 # -- the autograd function --------------------------------------------------------------------
 
-def _pad_time(t: Tensor, pad: int) -> Tensor:
-    return torch.cat([t, t.new_zeros((pad,) + t.shape[1:])]) if pad else t
-
-
-class _ChunkedScan(torch.autograd.Function):
-    """Time-major core: u, delta (L, *S, d); A broadcastable to (*S, d, N); B, C (L, *S, N);
-    h0 (*S, d, N), all in the compute dtype. Returns y (L, *S, d) and the last state."""
-
-    @staticmethod
-    def forward(ctx, u, delta, A, B, C, h0, chunk: int):  # noqa: D102 (autograd signature)
-        length = u.shape[0]
-        pad = (-length) % chunk
-        delta_p, du_p = _pad_time(delta, pad), _pad_time(delta * u, pad)
-        B_p, C_p = _pad_time(B, pad), _pad_time(C, pad)
-        h, ys, bounds = h0, [], []
-        with torch.autocast(u.device.type, enabled=False):
-            for s in range(0, length + pad, chunk):
-                bounds.append(h)
-                sl = slice(s, s + chunk)
-                y, h = _run(0, u.device, delta_p[sl], du_p[sl], A, B_p[sl], C_p[sl], h)
-                ys.append(y)
-        ctx.chunk = chunk
-        ctx.save_for_backward(u, delta, A, B, C, torch.stack(bounds))
-        return torch.cat(ys)[:length], h
-
-    @staticmethod
-    def backward(ctx, grad_y, grad_last):  # noqa: D102
-        u, delta, A, B, C, bounds = ctx.saved_tensors
-        chunk, length = ctx.chunk, u.shape[0]
-        pad = (-length) % chunk
-        delta_p, du_p = _pad_time(delta, pad), _pad_time(delta * u, pad)
-        B_p, C_p = _pad_time(B, pad), _pad_time(C, pad)
-        grad_y = _pad_time(grad_y if grad_y is not None else torch.zeros_like(u), pad)
-        carry = grad_last if grad_last is not None else torch.zeros_like(bounds[0])
-        parts: list[tuple[Tensor, ...]] = []
-        grad_A = None
-        with torch.autocast(u.device.type, enabled=False):
-            for c in reversed(range(bounds.shape[0])):
-                sl = slice(c * chunk, (c + 1) * chunk)
-                g_delta, g_du, g_A, g_B, g_C, carry = _run(
-                    1, u.device, delta_p[sl], du_p[sl], A, B_p[sl], C_p[sl], bounds[c], grad_y[sl], carry
-                )
-                parts.append((g_delta, g_du, g_B, g_C))
-                grad_A = g_A if grad_A is None else grad_A + g_A
-        g_delta, g_du, g_B, g_C = (torch.cat(p[::-1])[:length] for p in zip(*parts))
-        grad_u = g_du * delta
-        grad_delta = g_delta + g_du * u
-        return grad_u, grad_delta, _reduce_to(grad_A, A.shape), g_B, g_C, carry, None
+def _no_autocast(device: torch.device) -> contextlib.AbstractContextManager:
+    """The scan computes in its own dtype whatever autocast the caller runs under."""
+    if device.type in ("cpu", "cuda"):
+        return torch.autocast(device.type, enabled=False)
+    return contextlib.nullcontext()
 
 
 def _reduce_to(grad: Tensor, shape: torch.Size) -> Tensor:
@@ -184,18 +168,52 @@ def _reduce_to(grad: Tensor, shape: torch.Size) -> Tensor:
     return grad.sum(dims, keepdim=True) if dims else grad
 
 
-def _scan(
-    u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, h0: Tensor, chunk: int
-) -> tuple[Tensor, Tensor]:
-    """(..., d, L) layout in and out; all arguments already in the compute dtype."""
+class _ChunkedScan(torch.autograd.Function):
+    """Time-major: u, delta_raw (L, *S, d); bias, D broadcastable to (*S, d); A to (*S, d, N);
+    B, C (L, *S, N); h0 (*S, d, N); all in the compute dtype. Returns y (L, *S, d) (D * u
+    included) and the last state."""
 
-    def time_major(t: Tensor) -> Tensor:
-        return t.movedim(-1, 0).contiguous()
+    @staticmethod
+    def forward(ctx, u, delta_raw, bias, A, B, C, D, h0, softplus: bool, chunk: int):  # noqa: D102
+        length = u.shape[0]
+        h, ys, bounds = h0, [], []
+        with _no_autocast(u.device):
+            for s in range(0, length, chunk):
+                bounds.append(h)
+                sl = slice(s, s + chunk)
+                y, h = _run(0, u.device, u[sl], delta_raw[sl], bias, A, B[sl], C[sl], D, h,
+                            softplus)
+                ys.append(y)
+        ctx.softplus, ctx.chunk = softplus, chunk
+        ctx.save_for_backward(u, delta_raw, bias, A, B, C, D, torch.stack(bounds))
+        return torch.cat(ys), h
 
-    y, last = _ChunkedScan.apply(
-        time_major(u), time_major(delta), A, time_major(B), time_major(C), h0, chunk
-    )
-    return y.movedim(0, -1), last
+    @staticmethod
+    def backward(ctx, grad_y, grad_last):  # noqa: D102
+        u, delta_raw, bias, A, B, C, D, bounds = ctx.saved_tensors
+        chunk = ctx.chunk
+        if grad_y is None:
+            grad_y = torch.zeros_like(u)
+        carry = grad_last if grad_last is not None else torch.zeros_like(bounds[0])
+        parts: list[tuple[Tensor, ...]] = []
+        sums = None
+        with _no_autocast(u.device):
+            for c in reversed(range(bounds.shape[0])):
+                sl = slice(c * chunk, (c + 1) * chunk)
+                *per_step, g_bias, g_A, g_D, carry = _run(
+                    1, u.device, u[sl], delta_raw[sl], bias, A, B[sl], C[sl], D,
+                    bounds[c], ctx.softplus, grad_y[sl], carry,
+                )
+                parts.append(per_step)
+                sums = (g_bias, g_A, g_D) if sums is None else tuple(a + b for a, b in zip(sums, (g_bias, g_A, g_D)))
+        g_u, g_delta, g_B, g_C = (torch.cat(p[::-1]) for p in zip(*parts))
+        g_bias, g_A, g_D = (_reduce_to(g, t.shape) for g, t in zip(sums, (bias, A, D)))
+        return g_u, g_delta, g_bias, g_A, g_B, g_C, g_D, carry, None, None
+
+
+def _time_major(t: Tensor, dtype: torch.dtype) -> Tensor:
+    """(..., L) -> contiguous (L, ...)."""
+    return t.to(dtype).movedim(-1, 0).contiguous()
 
 
 def selective_scan_chunked(
@@ -216,17 +234,17 @@ def selective_scan_chunked(
     ``chunk_size`` is T (default per device: :data:`DEFAULT_CHUNK`)."""
     dtype_in = u.dtype
     compute = torch.promote_types(dtype_in, torch.float32)
-    chunk = chunk_size or default_chunk(u.device)
-    u_c, delta_c = u.to(compute), delta.to(compute)
-    if delta_bias is not None:
-        delta_c = delta_c + delta_bias.to(compute)[:, None]
-    if delta_softplus:
-        delta_c = F.softplus(delta_c)
     batch, dim, _ = u.shape
-    h0 = initial_state if initial_state is not None else u_c.new_zeros(batch, dim, A.shape[-1])
-    y, last = _scan(u_c, delta_c, A.to(compute), B.to(compute), C.to(compute), h0.to(compute), chunk)
-    if D is not None:
-        y = y + u_c * D.to(compute)[:, None]
+
+    def prep(t: Tensor | None, *shape: int) -> Tensor:
+        return t.to(compute) if t is not None else u.new_zeros(shape, dtype=compute)
+
+    y, last = _ChunkedScan.apply(
+        _time_major(u, compute), _time_major(delta, compute), prep(delta_bias, dim), A.to(compute),
+        _time_major(B, compute), _time_major(C, compute), prep(D, dim),
+        prep(initial_state, batch, dim, A.shape[-1]), delta_softplus, chunk_size or default_chunk(u.device),
+    )
+    y = y.movedim(0, -1)
     if z is not None:
         y = y * F.silu(z.to(compute))
     out = y.to(dtype_in)
@@ -246,26 +264,26 @@ def bidirectional_selective_scan_chunked(
     chunk_size: int | None = None,
 ) -> Tensor:
     """Same contract as the reference's bidirectional scan. Both directions run as one scan
-    (a leading axis of 2); direction 1's (b, d, L)-sized inputs are reversed into its scan
-    order, which is cheap next to the (b, d, N, L) work of the scan itself."""
+    over a leading axis of 2; each (2, b, ., L) input is copied once into the time-major layout,
+    direction 1 reversed on the way, which is cheap next to the (b, d, N, L) work of the scan."""
     dtype_in = u.dtype
     compute = torch.promote_types(dtype_in, torch.float32)
-    chunk = chunk_size or default_chunk(u.device)
+    _, batch, dim, _ = u.shape
 
-    def in_scan_order(t: Tensor) -> Tensor:
+    def time_major_in_scan_order(t: Tensor) -> Tensor:  # (2, b, k, L) -> (L, 2, b, k)
         t = t.to(compute)
-        return torch.stack([t[0], t[1].flip(-1)])
+        return torch.stack([t[0].permute(2, 0, 1), t[1].flip(-1).permute(2, 0, 1)], dim=1)
 
-    u_c, delta_c = in_scan_order(u), in_scan_order(delta)
-    if delta_bias is not None:
-        delta_c = delta_c + delta_bias.to(compute)[:, None, :, None]
-    if delta_softplus:
-        delta_c = F.softplus(delta_c)
-    h0 = u_c.new_zeros(*u_c.shape[:3], A.shape[-1])
-    y, _ = _scan(u_c, delta_c, A.to(compute)[:, None], in_scan_order(B), in_scan_order(C), h0, chunk)
-    if D is not None:
-        y = y + u_c * D.to(compute)[:, None, :, None]
-    y = y[0] + y[1].flip(-1)
+    def per_direction(t: Tensor | None) -> Tensor:  # (2, d) -> (2, 1, d): broadcast over the batch
+        return (t.to(compute) if t is not None else u.new_zeros(2, dim, dtype=compute))[:, None]
+
+    y, _ = _ChunkedScan.apply(
+        time_major_in_scan_order(u), time_major_in_scan_order(delta), per_direction(delta_bias),
+        A.to(compute)[:, None], time_major_in_scan_order(B), time_major_in_scan_order(C), per_direction(D),
+        u.new_zeros(2, batch, dim, A.shape[-1], dtype=compute), delta_softplus,
+        chunk_size or default_chunk(u.device),
+    )
+    y = (y[:, 0] + y[:, 1].flip(0)).permute(1, 2, 0)
     if z is not None:
         y = y * F.silu(z.to(compute))
     return y.to(dtype_in)
