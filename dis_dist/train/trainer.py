@@ -120,6 +120,7 @@ class Trainer:
         self.step = 0
         self.ema_updates = 0
         self.skipped_steps = 0
+        self.last_loss = float("nan")  # the mean loss of the last logging window
 
     # -- checkpoints ------------------------------------------------------------------------
     def save_checkpoint(self) -> Path:
@@ -132,6 +133,7 @@ class Trainer:
                         "step": self.step,
                         "ema_updates": self.ema_updates,
                         "skipped_steps": self.skipped_steps,
+                        "last_loss": self.last_loss,
                         "scheduler": self.scheduler.state_dict(),
                         "loader": self.loader.state_dict(),
                     },
@@ -157,6 +159,7 @@ class Trainer:
         self.step = state["step"]
         self.ema_updates = state["ema_updates"]
         self.skipped_steps = state["skipped_steps"]
+        self.last_loss = state["last_loss"]
         self.scheduler.load_state_dict(state["scheduler"])
         self.loader.load_state_dict(state["loader"])
         set_rng_state(torch.load(path / f"rng_rank{self.env.rank}.pt", weights_only=False))
@@ -209,14 +212,14 @@ class Trainer:
         model = self.strategy.model
         model.train()
         autocast = torch.autocast(env.device.type, torch.bfloat16, enabled=cfg.train.precision == "bf16")
-        # Loss sums stay on the device between logs: no host sync per step.
+        # Loss sums stay on the device between logs: no host sync per step. Throughput is
+        # measured over the whole window between logs (whose .tolist() syncs a GPU), minus the
+        # time spent on sample grids and checkpoints.
         loss_sums = torch.zeros(3, device=env.device)
-        window = {"n": 0, "time": 0.0, "data": 0.0, "images": 0}
-        last_loss = float("nan")
+        window = {"n": 0, "data": 0.0, "other": 0.0, "start": time.perf_counter()}
         saved_at = self.step if ckpt is not None else -1
         sampled_at = -1
         while self.step < end_step:
-            t_step = time.perf_counter()
             for _ in range(self.accum):
                 t_data = time.perf_counter()
                 x, y = next(self.loader)
@@ -240,15 +243,14 @@ class Trainer:
             self.step += 1
 
             window["n"] += 1
-            window["time"] += time.perf_counter() - t_step
-            window["images"] += cfg.train.global_batch
             if self.step % cfg.log.every == 0 or self.step == end_step:
                 n = window["n"]
-                last_loss, mse, vb = (loss_sums / n).tolist()
+                self.last_loss, mse, vb = (loss_sums / n).tolist()
                 loss_sums.zero_()
-                images_per_sec = window["images"] / window["time"]
+                elapsed = time.perf_counter() - window["start"] - window["other"]
+                images_per_sec = n * cfg.train.global_batch / elapsed
                 logger.scalars(self.step, {
-                    "train/loss": last_loss,
+                    "train/loss": self.last_loss,
                     "train/loss_mse": mse,
                     "train/loss_vb": vb,
                     "train/lr": self.scheduler.get_last_lr()[0],
@@ -256,12 +258,13 @@ class Trainer:
                     "train/skipped_steps": self.skipped_steps,
                     "perf/images_per_sec": images_per_sec,
                     "perf/images_per_sec_per_device": images_per_sec / env.world_size,
-                    "perf/step_time_s": window["time"] / n,
+                    "perf/step_time_s": elapsed / n,
                     "perf/data_wait_s": window["data"] / n,
                     "perf/peak_memory_gb": peak_memory_gb(env.device),
                 })
-                logger.progress(self.step, last_loss, images_per_sec)
-                window = dict.fromkeys(window, 0)
+                logger.progress(self.step, self.last_loss, images_per_sec)
+                window = {"n": 0, "data": 0.0, "other": 0.0, "start": time.perf_counter()}
+            t_other = time.perf_counter()
             if cfg.sample.every and self.step % cfg.sample.every == 0 and env.is_main:
                 grid = self.sample_grid()
                 sampled_at = self.step
@@ -270,6 +273,7 @@ class Trainer:
             if cfg.checkpoint.every and self.step % cfg.checkpoint.every == 0:
                 self.save_checkpoint()
                 saved_at = self.step
+            window["other"] += time.perf_counter() - t_other
         if saved_at != self.step:
             self.save_checkpoint()
         samples_png = None
@@ -281,5 +285,5 @@ class Trainer:
             save_png(grid, samples_png, scale=2)
         logger.close()
         wall = time.perf_counter() - start
-        log.info("done: step %d, loss %.4f, %s", self.step, last_loss, format_duration(wall))
-        return FitResult(self.step, last_loss, wall, samples_png)
+        log.info("done: step %d, loss %.4f, %s", self.step, self.last_loss, format_duration(wall))
+        return FitResult(self.step, self.last_loss, wall, samples_png)
