@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -124,3 +126,22 @@ def test_schedules():
     assert ema_decay_at(0.9999, 0, warmup=True) == pytest.approx(0.1)
     assert ema_decay_at(0.9999, 10**6, warmup=True) == 0.9999
     assert ema_decay_at(0.9999, 0, warmup=False) == 0.9999
+
+
+def test_cli_trains_and_resumes(tmp_path, fmnist_root):
+    import subprocess
+    import sys
+
+    args = [
+        sys.executable, "-m", "dis_dist.train", "--config", "configs/demo_fmnist.yaml",
+        f"run_dir={tmp_path}", f"data.root={fmnist_root}", "train.steps=2", "train.global_batch=4",
+        "train.micro_batch=4", "sample.num=10", "sample.steps=2", "log.every=1",
+    ]
+    root = Path(__file__).resolve().parents[1]
+    first = subprocess.run(args, capture_output=True, text=True, cwd=root)
+    assert first.returncode == 0, first.stderr
+    assert f"samples: {tmp_path / 'samples.png'}" in first.stdout and (tmp_path / "samples.png").is_file()
+    assert "step 2/2 | loss" in first.stderr
+    again = subprocess.run([*args, "train.steps=3"], capture_output=True, text=True, cwd=root)
+    assert again.returncode == 0, again.stderr
+    assert "resumed from" in again.stderr and "step 3/3" in again.stderr
