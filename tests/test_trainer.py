@@ -128,6 +128,7 @@ def test_schedules():
     assert ema_decay_at(0.9999, 0, warmup=False) == 0.9999
 
 
+@pytest.mark.slow
 def test_cli_trains_and_resumes(tmp_path, fmnist_root):
     import subprocess
     import sys
