@@ -174,3 +174,27 @@ def test_flops_scale_with_tokens_and_models_cli():
         [sys.executable, "-m", "dis_dist.models"], capture_output=True, text=True, check=True
     ).stdout
     assert "906,966,560" in out and "908,146,208" in out and "GFLOPs" in out
+
+
+def test_mixer_backward_branch_is_the_reversed_sequence():
+    """The published mixer: the backward branch runs conv + scan on the reversed sequence (z
+    reversed too) and its output is reversed back; ours uses an anti-causal conv instead."""
+    import torch.nn.functional as F
+
+    from dis_dist.models.mamba import BiMamba
+    from dis_dist.ops.selective_scan import selective_scan
+
+    mixer = BiMamba(16, scan_backend="reference").double()
+    h = torch.randn(2, 7, 16, dtype=torch.float64)
+    x, z = mixer.in_proj(h).transpose(1, 2).chunk(2, dim=1)
+
+    def branch(p, x, z):
+        causal = F.conv1d(x, p.conv1d.weight, p.conv1d.bias, padding=3, groups=x.shape[1])
+        x = F.silu(causal[..., : x.shape[-1]])
+        delta, B, C = p.project(x)
+        return selective_scan(x, delta, -torch.exp(p.A_log), B, C, p.D, z, p.dt_proj.bias, True,
+                              backend="reference")
+
+    expected = branch(mixer.fwd, x, z) + branch(mixer.bwd, x.flip(-1), z.flip(-1)).flip(-1)
+    expected = mixer.out_proj(expected.transpose(1, 2))
+    assert torch.allclose(mixer(h), expected, rtol=1e-10, atol=1e-12)

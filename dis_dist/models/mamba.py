@@ -103,12 +103,12 @@ class BiMamba(nn.Module):
         y = bidirectional_selective_scan(
             torch.stack([x_f, x_b]),
             torch.stack([delta_f, delta_b]),
-            -torch.exp(torch.stack([self.fwd.A_log, self.bwd.A_log]).float()),
+            -torch.exp(torch.stack([self.fwd.A_log, self.bwd.A_log])),
             torch.stack([B_f, B_b]),
             torch.stack([C_f, C_b]),
-            D=torch.stack([self.fwd.D, self.bwd.D]).float(),
+            D=torch.stack([self.fwd.D, self.bwd.D]),
             z=z,
-            delta_bias=torch.stack([self.fwd.dt_proj.bias, self.bwd.dt_proj.bias]).float(),
+            delta_bias=torch.stack([self.fwd.dt_proj.bias, self.bwd.dt_proj.bias]),
             delta_softplus=True,
             backend=self.scan_backend,
         )
