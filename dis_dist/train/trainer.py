@@ -60,6 +60,7 @@ class FitResult:
     final_loss: float
     wall_time_s: float
     samples_png: Path | None
+    images_per_sec: float  # throughput of the last logging window (sample grids, checkpoints excluded)
 
 
 class Trainer:
@@ -121,6 +122,7 @@ class Trainer:
         self.ema_updates = 0
         self.skipped_steps = 0
         self.last_loss = float("nan")  # the mean loss of the last logging window
+        self.images_per_sec = float("nan")  # and its throughput
 
     # -- checkpoints ------------------------------------------------------------------------
     def save_checkpoint(self) -> Path:
@@ -248,7 +250,7 @@ class Trainer:
                 self.last_loss, mse, vb = (loss_sums / n).tolist()
                 loss_sums.zero_()
                 elapsed = time.perf_counter() - window["start"] - window["other"]
-                images_per_sec = n * cfg.train.global_batch / elapsed
+                self.images_per_sec = images_per_sec = n * cfg.train.global_batch / elapsed
                 logger.scalars(self.step, {
                     "train/loss": self.last_loss,
                     "train/loss_mse": mse,
@@ -286,4 +288,4 @@ class Trainer:
         logger.close()
         wall = time.perf_counter() - start
         log.info("done: step %d, loss %.4f, %s", self.step, self.last_loss, format_duration(wall))
-        return FitResult(self.step, self.last_loss, wall, samples_png)
+        return FitResult(self.step, self.last_loss, wall, samples_png, self.images_per_sec)

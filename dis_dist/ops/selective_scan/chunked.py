@@ -18,6 +18,8 @@ delta * A <= 0, so no positive sum is ever exponentiated.
 from __future__ import annotations
 
 import contextlib
+import functools
+import importlib.util
 import logging
 import os
 import shutil
@@ -30,7 +32,7 @@ from torch import Tensor
 log = logging.getLogger(__name__)
 
 COMPILE_ENV = "DIS_SCAN_COMPILE"  # "auto" (default), "1" (always), "0" (never)
-DEFAULT_CHUNK = {"cpu": 4, "cuda": 16}
+DEFAULT_CHUNK = {"cpu": 8, "cuda": 16}
 
 
 def default_chunk(device: torch.device) -> int:
@@ -109,21 +111,20 @@ _kernels: dict[str, tuple[Callable, Callable]] = {}
 _compile_failed: set[str] = set()
 
 
+@functools.cache
+def _compiler_present(device_type: str) -> bool:
+    if device_type == "cpu":
+        return shutil.which(os.environ.get("CXX", "g++")) is not None or shutil.which("c++") is not None
+    if device_type == "cuda":
+        return importlib.util.find_spec("triton") is not None
+    return False
+
+
 def _compile_wanted(device: torch.device) -> bool:
     mode = os.environ.get(COMPILE_ENV, "auto")
     if mode == "0" or device.type in _compile_failed:
         return False
-    if mode == "1":
-        return True
-    if device.type == "cpu":
-        return shutil.which(os.environ.get("CXX", "g++")) is not None or shutil.which("c++") is not None
-    if device.type == "cuda":
-        try:
-            import triton  # noqa: F401
-        except ImportError:
-            return False
-        return True
-    return False
+    return mode == "1" or _compiler_present(device.type)
 
 
 def _get_kernels(device: torch.device) -> tuple[Callable, Callable]:
@@ -137,7 +138,7 @@ def _get_kernels(device: torch.device) -> tuple[Callable, Callable]:
     return _kernels[device.type]
 
 
-def _run(which: int, device: torch.device, *args: Tensor) -> tuple[Tensor, ...]:
+def _run(which: int, device: torch.device, *args: object) -> tuple[Tensor, ...]:
     """Call the compiled kernel, falling back to eager (with one warning) if compilation fails."""
     kernel = _get_kernels(device)[which]
     try:

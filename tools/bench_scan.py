@@ -1,0 +1,219 @@
+#!/usr/bin/env python3
+"""Benchmark the selective-scan backends against ``reference`` in one process.
+
+Prints one table: backend, shape, dtype, forward ms, forward+backward ms, the scan's activation
+memory (bytes it keeps for the backward pass beyond its inputs), and the ratios to
+``reference`` measured in the same run (medians of ``--repeats``). On a GPU it adds the floor:
+the bytes that must move (inputs read once, outputs written once) over the measured copy
+bandwidth, and the forward time as a multiple of it. ``--demo`` also times the demo trainer
+(images/s) with each backend.
+
+    python tools/bench_scan.py                       # CPU, fp32, every shape
+    python tools/bench_scan.py --shapes dis-s2 --repeats 7 --demo
+    python tools/bench_scan.py --device cuda --dtype bf16 --backends reference,chunked,triton
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from dis_dist.ops.selective_scan import available_backends, selective_scan  # noqa: E402
+
+
+@dataclass(frozen=True)
+class Shape:
+    name: str
+    batch: int
+    d_inner: int
+    length: int
+    d_state: int = 16
+
+
+SHAPES = {
+    "dis-s2": Shape("DiS-S/2 32x32", 8, 736, 258),
+    "dis-s2-1026": Shape("DiS-S/2 L=1026", 8, 736, 1026),
+    "dis-h2-256": Shape("DiS-H/2 256px", 4, 3072, 258),
+    "dis-h2-512": Shape("DiS-H/2 512px", 4, 3072, 1026),
+    "long": Shape("long L=4096", 2, 736, 4096),
+}
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def make_inputs(shape: Shape, dtype: torch.dtype, device: torch.device) -> dict[str, torch.Tensor]:
+    """Mamba-like inputs: softplus'd dt around 0.01-0.1, S4D-real A, unit-scale u, B, C, z."""
+    g = torch.Generator().manual_seed(0)
+    b, d, L, n = shape.batch, shape.d_inner, shape.length, shape.d_state
+
+    def r(*s: int, scale: float = 1.0) -> torch.Tensor:
+        return (torch.randn(*s, generator=g) * scale).to(device, dtype).requires_grad_()
+
+    A = -torch.arange(1, n + 1, dtype=torch.float32).repeat(d, 1).to(device).requires_grad_()
+    return dict(
+        u=r(b, d, L), delta=r(b, d, L, scale=0.5), A=A, B=r(b, n, L), C=r(b, n, L),
+        D=torch.ones(d, device=device, requires_grad=True), z=r(b, d, L),
+        delta_bias=torch.full((d,), -3.0, device=device, requires_grad=True),
+    )
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def activation_bytes(fn, inputs: dict[str, torch.Tensor]) -> int:
+    """Bytes of the distinct storages autograd keeps for the backward pass, inputs excluded."""
+    input_ptrs = {t.untyped_storage().data_ptr() for t in inputs.values()}
+    storages: dict[int, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        s = t.untyped_storage()
+        if s.data_ptr() not in input_ptrs:
+            storages[s.data_ptr()] = s.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = fn()
+    del out
+    return sum(storages.values())
+
+
+def time_backend(backend: str, shape: Shape, dtype: torch.dtype, device: torch.device, repeats: int) -> dict:
+    inputs = make_inputs(shape, dtype, device)
+
+    def run() -> torch.Tensor:
+        return selective_scan(**inputs, delta_softplus=True, backend=backend)
+
+    grad = torch.randn(shape.batch, shape.d_inner, shape.length, device=device, dtype=dtype)
+    run().backward(grad)  # warm-up (and compilation, for compiled kernels)
+    fwd, total = [], []
+    for _ in range(repeats):
+        _sync(device)
+        t0 = time.perf_counter()
+        with torch.no_grad():
+            run()
+        _sync(device)
+        t1 = time.perf_counter()
+        run().backward(grad)
+        _sync(device)
+        t2 = time.perf_counter()
+        fwd.append(t1 - t0)
+        total.append(t2 - t1)
+    return {
+        "fwd_ms": statistics.median(fwd) * 1e3,
+        "total_ms": statistics.median(total) * 1e3,
+        "act_mb": activation_bytes(run, inputs) / 2**20,
+    }
+
+
+def copy_bandwidth(device: torch.device) -> float:
+    """Bytes/s of a large device-to-device copy (read + write)."""
+    x = torch.empty(256 * 2**20 // 4, device=device)
+    y = torch.empty_like(x)
+    for _ in range(3):
+        y.copy_(x)
+    _sync(device)
+    t0 = time.perf_counter()
+    for _ in range(10):
+        y.copy_(x)
+    _sync(device)
+    return 2 * x.numel() * 4 * 10 / (time.perf_counter() - t0)
+
+
+def floor_ms(shape: Shape, dtype: torch.dtype, bandwidth: float) -> float:
+    """Inputs read once (u, delta, z, B, C) and the output written once."""
+    item = torch.tensor([], dtype=dtype).element_size()
+    b, d, L, n = shape.batch, shape.d_inner, shape.length, shape.d_state
+    moved = (3 * b * d * L + 2 * b * n * L + b * d * L) * item
+    return moved / bandwidth * 1e3
+
+
+def demo_throughput(backend: str, steps: int) -> float:
+    """Images/s of the demo trainer (configs/demo_fmnist.yaml) over its second window of ``steps``."""
+    from dis_dist.config import load_config
+    from dis_dist.train.trainer import Trainer
+
+    root = Path(__file__).resolve().parents[1]
+    with tempfile.TemporaryDirectory() as tmp:
+        cfg = load_config(root / "configs" / "demo_fmnist.yaml", [
+            f"run_dir={tmp}", f"model.scan_backend={backend}", f"train.steps={2 * steps}",
+            f"log.every={steps}", "sample.every=0", "checkpoint.every=0",
+        ])
+        trainer = Trainer(cfg)
+        trainer.fit(resume="none", stop_at_step=2 * steps)
+        return trainer.images_per_sec
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--backends", default="reference,chunked", help="comma-separated, 'reference' first")
+    p.add_argument("--shapes", default="dis-s2,dis-s2-1026,dis-h2-256,dis-h2-512,long",
+                   help=f"comma-separated of: {', '.join(SHAPES)}")
+    p.add_argument("--dtype", default="fp32", choices=list(DTYPES))
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--skip-reference-above", type=int, default=1026,
+                   help="sequence length above which the reference is not run (minutes, GBs)")
+    p.add_argument("--demo", action="store_true", help="also time the demo trainer with each backend")
+    p.add_argument("--demo-steps", type=int, default=30)
+    args = p.parse_args(argv)
+
+    device = torch.device(args.device)
+    dtype = DTYPES[args.dtype]
+    backends = [b for b in args.backends.split(",") if b]
+    usable = set(available_backends(device))
+    for b in backends:
+        if b not in usable:
+            sys.exit(f"backend {b!r} cannot run on {device}; available: {', '.join(sorted(usable))}")
+    bandwidth = copy_bandwidth(device) if device.type == "cuda" else None
+    print(f"device {device} ({torch.get_num_threads()} threads), dtype {args.dtype}, "
+          f"median of {args.repeats}; activation memory = bytes saved for backward beyond the inputs")
+    if bandwidth:
+        print(f"copy bandwidth {bandwidth / 1e9:.0f} GB/s")
+    cols = f"{'shape':<15} {'b x d x L':>16} {'backend':<10} {'fwd ms':>9} {'fwd+bwd ms':>11} {'act MB':>9} " \
+           f"{'x ref fwd':>9} {'x ref f+b':>9} {'ref/act':>8}"
+    if bandwidth:
+        cols += f" {'floor ms':>9} {'fwd/floor':>9}"
+    print(cols)
+    print("-" * len(cols))
+    for key in args.shapes.split(","):
+        shape = SHAPES[key]
+        ref = None
+        for backend in backends:
+            dims = f"{shape.batch}x{shape.d_inner}x{shape.length}"
+            if backend == "reference" and shape.length > args.skip_reference_above:
+                print(f"{shape.name:<15} {dims:>16} {backend:<10} {'(skipped: --skip-reference-above)':>40}")
+                continue
+            r = time_backend(backend, shape, dtype, device, args.repeats)
+            if backend == "reference":
+                ref = r
+            speed_f = f"{ref['fwd_ms'] / r['fwd_ms']:.1f}x" if ref else "-"
+            speed_t = f"{ref['total_ms'] / r['total_ms']:.1f}x" if ref else "-"
+            mem = f"{ref['act_mb'] / max(r['act_mb'], 1e-9):.1f}x" if ref else "-"
+            line = (f"{shape.name:<15} {dims:>16} {backend:<10} {r['fwd_ms']:>9.1f} {r['total_ms']:>11.1f} "
+                    f"{r['act_mb']:>9.1f} {speed_f:>9} {speed_t:>9} {mem:>8}")
+            if bandwidth:
+                fl = floor_ms(shape, dtype, bandwidth)
+                line += f" {fl:>9.3f} {r['fwd_ms'] / fl:>9.1f}"
+            print(line, flush=True)
+    if args.demo:
+        print(f"\ndemo trainer (configs/demo_fmnist.yaml), images/s over steps "
+              f"{args.demo_steps + 1}-{2 * args.demo_steps}:")
+        base = None
+        for backend in backends:
+            ips = demo_throughput(backend, args.demo_steps)
+            base = base or ips
+            print(f"  {backend:<10} {ips:8.1f} img/s   {ips / base:.2f}x reference", flush=True)
+
+
+if __name__ == "__main__":
+    main()
