@@ -5,18 +5,25 @@ TORCH ?= torch==2.13.0
 APT_PACKAGES ?= dataset-fashion-mnist
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+DEV_STAMP := $(VENV)/.installed-dev
 # Compiled kernels (torch.compile) are cached here, so only the first run pays for compiling.
 export TORCHINDUCTOR_CACHE_DIR ?= $(CURDIR)/.cache/inductor
 
-.PHONY: venv demo test test-fast lint clean apt
+.PHONY: venv venv-dev demo test test-fast lint clean apt
 
 venv: $(STAMP)
+venv-dev: $(DEV_STAMP)
 
+# torch is pinned in the same pip call as everything else, so no dependency can pull another
+# (multi-GB CUDA) build.
 $(STAMP): pyproject.toml
 	@$(MAKE) --no-print-directory apt
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --upgrade --quiet pip
-	# torch is pinned in the same call so no dependency can pull another (multi-GB CUDA) build.
+	$(BIN)/pip install --quiet "$(TORCH)" -e .
+	touch $@
+
+$(DEV_STAMP): $(STAMP)
 	$(BIN)/pip install --quiet "$(TORCH)" -e ".[dev]"
 	touch $@
 
@@ -34,13 +41,13 @@ apt:
 demo: venv
 	$(BIN)/python -m dis_dist.train --config configs/demo_fmnist.yaml
 
-test: venv
+test: venv-dev
 	$(BIN)/python -m pytest -q --durations=15
 
-test-fast: venv
+test-fast: venv-dev
 	$(BIN)/python -m pytest -q -m "not slow"
 
-lint: venv
+lint: venv-dev
 	$(BIN)/ruff check dis_dist tests tools
 
 clean:

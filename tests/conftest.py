@@ -16,6 +16,10 @@ IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
 # Most tests run the chunked scan eagerly (same results, no compile per test shape);
 # tests of the compiled path set it themselves.
 os.environ.setdefault("DIS_SCAN_COMPILE", "0")
+# Without a GPU the triton backend is tested under Triton's interpreter; it must be set before
+# the kernels are defined (at import).
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 FMNIST_ROOT = Path("/usr/share/datasets/fashion-mnist")
 
 

@@ -7,6 +7,9 @@ cannot run raises :class:`~dis_dist.errors.BackendError`; there is no silent fal
 
 from __future__ import annotations
 
+import functools
+import importlib
+import importlib.util
 import logging
 import os
 from collections.abc import Callable
@@ -16,14 +19,7 @@ import torch
 from torch import Tensor
 
 from dis_dist.errors import BackendError
-from dis_dist.ops.selective_scan.chunked import (
-    bidirectional_selective_scan_chunked,
-    selective_scan_chunked,
-)
-from dis_dist.ops.selective_scan.reference import (
-    bidirectional_selective_scan_ref,
-    selective_scan_ref,
-)
+from dis_dist.ops.selective_scan.reference import selective_scan_ref
 
 log = logging.getLogger(__name__)
 
@@ -32,23 +28,52 @@ ENV_VAR = "DIS_SCAN_BACKEND"
 
 @dataclass(frozen=True)
 class Backend:
+    """A backend's module is imported on first use, so optional dependencies stay optional."""
+
     name: str
-    scan: Callable[..., Tensor | tuple[Tensor, Tensor]]
-    bidirectional: Callable[..., Tensor]
-    # Returns None when the backend can run on this device, else the reason it cannot.
-    unavailable: Callable[[torch.device], str | None]
+    module: str
+    scan_fn: str
+    bidirectional_fn: str
+    requires: str | None = None  # a package that must be importable
+    takes_initial_state: bool = True
+
+    def _module(self):  # noqa: ANN202
+        return importlib.import_module(f"dis_dist.ops.selective_scan.{self.module}")
+
+    @property
+    def scan(self) -> Callable[..., Tensor | tuple[Tensor, Tensor]]:
+        return getattr(self._module(), self.scan_fn)
+
+    @property
+    def bidirectional(self) -> Callable[..., Tensor]:
+        return getattr(self._module(), self.bidirectional_fn)
+
+    def unavailable(self, device: torch.device) -> str | None:
+        """None when the backend can run on ``device``, else the reason it cannot."""
+        return _unavailable(self, device.type, os.environ.get("TRITON_INTERPRET", ""))
+
+
+@functools.cache
+def _unavailable(backend: Backend, device_type: str, _interpret: str) -> str | None:
+    if backend.requires and importlib.util.find_spec(backend.requires) is None:
+        return f"{backend.requires} is not installed (pip install {backend.requires})"
+    check = getattr(backend._module(), "unavailable", None)
+    return check(torch.device(device_type)) if check else None
 
 
 BACKENDS: dict[str, Backend] = {
-    "reference": Backend(
-        "reference", selective_scan_ref, bidirectional_selective_scan_ref, lambda device: None
-    ),
-    "chunked": Backend(
-        "chunked", selective_scan_chunked, bidirectional_selective_scan_chunked, lambda device: None
-    ),
+    b.name: b
+    for b in (
+        Backend("reference", "reference", "selective_scan_ref", "bidirectional_selective_scan_ref"),
+        Backend("chunked", "chunked", "selective_scan_chunked", "bidirectional_selective_scan_chunked"),
+        Backend("triton", "triton", "selective_scan_triton", "bidirectional_selective_scan_triton",
+                requires="triton"),
+        Backend("cuda", "cuda", "selective_scan_cuda", "bidirectional_selective_scan_cuda",
+                requires="mamba_ssm", takes_initial_state=False),
+    )
 }
 # Preference order of "auto" per device type; the first available backend wins.
-AUTO_ORDER: dict[str, tuple[str, ...]] = {"cuda": ("chunked",), "cpu": ("chunked",)}
+AUTO_ORDER: dict[str, tuple[str, ...]] = {"cuda": ("cuda", "triton", "chunked"), "cpu": ("chunked",)}
 
 _logged: set[str] = set()
 
@@ -103,10 +128,25 @@ def selective_scan(
     """Selective scan, mamba-ssm layout: u, delta, z (batch, d_inner, L); A (d_inner, N);
     B, C (batch, N, L); initial/last state (batch, d_inner, N)."""
     impl = resolve_backend(backend, u.device)
+    if initial_state is not None and not impl.takes_initial_state:
+        impl = _with_initial_state(impl, u.device)
     return impl.scan(
         u, delta, A, B, C, D=D, z=z, delta_bias=delta_bias, delta_softplus=delta_softplus,
         initial_state=initial_state, return_last_state=return_last_state,
     )
+
+
+def _with_initial_state(impl: Backend, device: torch.device) -> Backend:
+    """The next backend of the device's auto order that takes an initial state (logged once)."""
+    order = AUTO_ORDER.get(device.type, ("chunked",))
+    name = next(
+        n for n in order if BACKENDS[n].takes_initial_state and BACKENDS[n].unavailable(device) is None
+    )
+    key = f"{impl.name}->{name}@{device.type}"
+    if key not in _logged:
+        _logged.add(key)
+        log.info("selective-scan backend %s takes no initial state: such calls run on %s", impl.name, name)
+    return BACKENDS[name]
 
 
 def bidirectional_selective_scan(
