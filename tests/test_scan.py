@@ -117,7 +117,8 @@ def test_bidirectional_is_forward_plus_reversed_scan():
 
 @pytest.mark.parametrize("softplus", [True, False])
 def test_chunk_kernels_are_consistent(softplus):
-    """chunk_backward's gradients are those of chunk_forward under autograd."""
+    """chunk_backward's gradients are those of chunk_forward under autograd, and padded steps
+    (steps[i] = 0) are identity steps."""
     g = torch.Generator().manual_seed(2)
     S, d, N, T = (2,), 3, 4, 5
 
@@ -127,12 +128,16 @@ def test_chunk_kernels_are_consistent(softplus):
     u, delta, bias, D = r(T, *S, d), r(T, *S, d), r(d), r(d)
     A = (-torch.rand(d, N, generator=g, dtype=F64)).requires_grad_()
     B, C, h = r(T, *S, N), r(T, *S, N), r(*S, d, N)
+    steps = torch.tensor([1.0, 1.0, 1.0, 0.0, 0.0], dtype=F64)
     inputs = (u, delta, bias, A, B, C, D, h)
-    y, h_end = chunk_forward(*inputs, softplus)
+    y, h_end = chunk_forward(*inputs, steps, softplus)
+    y3, h3 = chunk_forward(u[:3], delta[:3], bias, A, B[:3], C[:3], D, h, steps[:3], softplus)
+    assert torch.allclose(h_end, h3, rtol=1e-14) and torch.allclose(y[:3], y3, rtol=1e-14)
     gy, gh = torch.randn_like(y), torch.randn_like(h_end)
+    gy[3:] = 0  # padded outputs are discarded
     auto = torch.autograd.grad((y * gy).sum() + (h_end * gh).sum(), inputs)
     g_u, g_delta, g_B, g_C, g_bias, g_A, g_D, g_h = chunk_backward(
-        *(t.detach() for t in inputs), softplus, gy, gh
+        *(t.detach() for t in inputs), steps, softplus, gy, gh
     )
     manual = (g_u, g_delta, g_bias.sum(0), g_A.sum(0), g_B, g_C, g_D.sum(0), g_h)
     for a, m in zip(auto, manual):

@@ -1,6 +1,6 @@
 """Sequence-chunked selective scan in plain PyTorch, with a recomputing backward.
 
-The sequence is cut into chunks of T steps (the last one may be shorter). A custom autograd
+The sequence is cut into chunks of T steps (the last one padded with identity steps). A custom autograd
 function keeps only its inputs and the states at chunk boundaries (batch x d x N x L/T); its
 backward recomputes each chunk's states from the boundary state and runs the reverse recurrence
 through the chunk, last chunk first. The scan's activation memory therefore does not grow as
@@ -46,15 +46,16 @@ def _delta(delta_raw: Tensor, bias: Tensor, softplus: bool) -> Tensor:
 
 def chunk_forward(
     u: Tensor, delta_raw: Tensor, bias: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Tensor, h: Tensor,
-    softplus: bool,
+    steps: Tensor, softplus: bool,
 ) -> tuple[Tensor, Tensor]:
     """Scan one chunk of T steps, time-major: u, delta_raw (T, *S, d); bias, D broadcastable
     to (*S, d); A broadcastable to (*S, d, N); B, C (T, *S, N); h the state before the chunk
-    (*S, d, N). delta = softplus(delta_raw + bias) (or without softplus). Returns y (T, *S, d),
-    D * u included, and the state after the chunk."""
+    (*S, d, N); ``steps`` (T,) is 1 for real steps and 0 for the padding of a short last chunk
+    (delta = 0 there: an identity step). delta = softplus(delta_raw + bias) (or without
+    softplus). Returns y (T, *S, d), D * u included, and the state after the chunk."""
     ys = []
     for i in range(u.shape[0]):
-        delta = _delta(delta_raw[i], bias, softplus)
+        delta = _delta(delta_raw[i], bias, softplus) * steps[i]
         u_i = u[i]
         dA = torch.exp(delta.unsqueeze(-1) * A)
         h = dA * h + (delta * u_i).unsqueeze(-1) * B[i].unsqueeze(-2)
@@ -64,31 +65,31 @@ def chunk_forward(
 
 def chunk_backward(
     u: Tensor, delta_raw: Tensor, bias: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Tensor, h: Tensor,
-    softplus: bool, grad_y: Tensor, carry: Tensor,
+    steps: Tensor, softplus: bool, grad_y: Tensor, carry: Tensor,
 ) -> tuple[Tensor, ...]:
     """Gradients through one chunk (arguments as :func:`chunk_forward`, plus dL/dy of the chunk
     and ``carry`` = dL/d(state after the chunk)). Returns dL/du, dL/d(delta_raw) (T, *S, d),
     dL/dB, dL/dC (T, *S, N), the chunk's sums of dL/d(bias) (*S, d), dL/dA (*S, d, N) and dL/dD
     (*S, d), unreduced over broadcast axes, and dL/d(state before the chunk)."""
-    steps = u.shape[0]
+    length = u.shape[0]
     deltas, decays, states = [], [], [h]
-    for i in range(steps):
-        delta = _delta(delta_raw[i], bias, softplus)
+    for i in range(length):
+        delta = _delta(delta_raw[i], bias, softplus) * steps[i]
         dA = torch.exp(delta.unsqueeze(-1) * A)
         deltas.append(delta)
         decays.append(dA)
         states.append(dA * states[-1] + (delta * u[i]).unsqueeze(-1) * B[i].unsqueeze(-2))
     g = carry
-    g_u, g_delta, g_B, g_C = [None] * steps, [None] * steps, [None] * steps, [None] * steps
+    g_u, g_delta, g_B, g_C = [None] * length, [None] * length, [None] * length, [None] * length
     g_bias = g_A = g_D = None
-    for i in range(steps - 1, -1, -1):
+    for i in range(length - 1, -1, -1):
         gy, u_i, B_i, delta = grad_y[i], u[i], B[i], deltas[i]
         g = g + gy.unsqueeze(-1) * C[i].unsqueeze(-2)  # dL/d(state after step i)
         g_C[i] = (gy.unsqueeze(-1) * states[i + 1]).sum(-2)
         q = g * states[i] * decays[i]  # dL/d(delta * A)
         gBu = (g * B_i.unsqueeze(-2)).sum(-1)  # dL/d(delta * u)
         g_B[i] = (g * (delta * u_i).unsqueeze(-1)).sum(-2)
-        g_dt = (q * A).sum(-1) + gBu * u_i
+        g_dt = ((q * A).sum(-1) + gBu * u_i) * steps[i]
         if softplus:
             g_dt = g_dt * torch.sigmoid(delta_raw[i] + bias)
         g_delta[i] = g_dt
@@ -131,9 +132,12 @@ def _get_kernels(device: torch.device) -> tuple[Callable, Callable]:
     if not _compile_wanted(device):
         return chunk_forward, chunk_backward
     if device.type not in _kernels:
-        _kernels[device.type] = (
-            torch.compile(chunk_forward, dynamic=False), torch.compile(chunk_backward, dynamic=False)
-        )
+        # Chunks all have T steps (the last is padded), so only batch/width can change between
+        # calls: they become dynamic on the first change, leaving T (the unrolled loop) static.
+        # A process that scans several layouts (single and bidirectional, training and
+        # sampling) needs a few more variants than dynamo's default limit of 8 allows.
+        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 32)
+        _kernels[device.type] = (torch.compile(chunk_forward), torch.compile(chunk_backward))
         log.info("chunked selective scan: compiling its chunk kernels for %s (once per shape)", device.type)
     return _kernels[device.type]
 
@@ -169,6 +173,23 @@ def _reduce_to(grad: Tensor, shape: torch.Size) -> Tensor:
     return grad.sum(dims, keepdim=True) if dims else grad
 
 
+def _chunks(length: int, chunk: int, device: torch.device) -> list[tuple[slice, int, Tensor]]:
+    """(slice, real steps, step mask) of each chunk; the last one is padded to the full T."""
+    ones = torch.ones(chunk, device=device)
+    out = []
+    for s in range(0, length, chunk):
+        n = min(chunk, length - s)
+        mask = ones if n == chunk else torch.cat([ones[:n], ones.new_zeros(chunk - n)])
+        out.append((slice(s, s + chunk), n, mask))
+    return out
+
+
+def _padded(t: Tensor, n: int, chunk: int) -> Tensor:
+    """A chunk's slice of ``n`` real steps, zero-padded to ``chunk`` steps (every call then
+    has the same shape: one compiled kernel)."""
+    return t if n == chunk else torch.cat([t, t.new_zeros((chunk - n,) + t.shape[1:])])
+
+
 class _ChunkedScan(torch.autograd.Function):
     """Time-major: u, delta_raw (L, *S, d); bias, D broadcastable to (*S, d); A to (*S, d, N);
     B, C (L, *S, N); h0 (*S, d, N); all in the compute dtype. Returns y (L, *S, d) (D * u
@@ -176,37 +197,39 @@ class _ChunkedScan(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, u, delta_raw, bias, A, B, C, D, h0, softplus: bool, chunk: int):  # noqa: D102
-        length = u.shape[0]
+        # Detached, the kernels always see requires_grad=False: no recompilation between
+        # training and no-grad calls.
+        u, delta_raw, bias, A, B, C, D, h0 = (t.detach() for t in (u, delta_raw, bias, A, B, C, D, h0))
         h, ys, bounds = h0, [], []
         with _no_autocast(u.device):
-            for s in range(0, length, chunk):
+            for sl, n, steps in _chunks(u.shape[0], chunk, u.device):
                 bounds.append(h)
-                sl = slice(s, s + chunk)
-                y, h = _run(0, u.device, u[sl], delta_raw[sl], bias, A, B[sl], C[sl], D, h,
-                            softplus)
-                ys.append(y)
+                y, h = _run(0, u.device, *(_padded(t[sl], n, chunk) for t in (u, delta_raw)), bias, A,
+                            *(_padded(t[sl], n, chunk) for t in (B, C)), D, h, steps, softplus)
+                ys.append(y[:n])
         ctx.softplus, ctx.chunk = softplus, chunk
         ctx.save_for_backward(u, delta_raw, bias, A, B, C, D, torch.stack(bounds))
         return torch.cat(ys), h
 
     @staticmethod
     def backward(ctx, grad_y, grad_last):  # noqa: D102
-        u, delta_raw, bias, A, B, C, D, bounds = ctx.saved_tensors
+        u, delta_raw, bias, A, B, C, D, bounds = (t.detach() for t in ctx.saved_tensors)
         chunk = ctx.chunk
-        if grad_y is None:
-            grad_y = torch.zeros_like(u)
-        carry = grad_last if grad_last is not None else torch.zeros_like(bounds[0])
+        grad_y = grad_y.contiguous() if grad_y is not None else torch.zeros_like(u)
+        carry = grad_last.contiguous() if grad_last is not None else torch.zeros_like(bounds[0])
         parts: list[tuple[Tensor, ...]] = []
-        sums = None
+        sums: list[Tensor] = []
         with _no_autocast(u.device):
-            for c in reversed(range(bounds.shape[0])):
-                sl = slice(c * chunk, (c + 1) * chunk)
+            chunks = _chunks(u.shape[0], chunk, u.device)
+            for c in reversed(range(len(chunks))):
+                sl, n, steps = chunks[c]
+                pad = [_padded(t[sl], n, chunk) for t in (u, delta_raw, B, C, grad_y)]
                 *per_step, g_bias, g_A, g_D, carry = _run(
-                    1, u.device, u[sl], delta_raw[sl], bias, A, B[sl], C[sl], D,
-                    bounds[c], ctx.softplus, grad_y[sl], carry,
+                    1, u.device, pad[0], pad[1], bias, A, pad[2], pad[3], D, bounds[c], steps,
+                    ctx.softplus, pad[4], carry,
                 )
-                parts.append(per_step)
-                sums = (g_bias, g_A, g_D) if sums is None else tuple(a + b for a, b in zip(sums, (g_bias, g_A, g_D)))
+                parts.append(tuple(p[:n] for p in per_step))
+                sums = [g_bias, g_A, g_D] if not sums else [a + b for a, b in zip(sums, (g_bias, g_A, g_D))]
         g_u, g_delta, g_B, g_C = (torch.cat(p[::-1]) for p in zip(*parts))
         g_bias, g_A, g_D = (_reduce_to(g, t.shape) for g, t in zip(sums, (bias, A, D)))
         return g_u, g_delta, g_bias, g_A, g_B, g_C, g_D, carry, None, None
