@@ -35,8 +35,14 @@ COMPILE_ENV = "DIS_SCAN_COMPILE"  # "auto" (default), "1" (always), "0" (never)
 DEFAULT_CHUNK = {"cpu": 8, "cuda": 16}
 
 
-def default_chunk(device: torch.device) -> int:
-    return DEFAULT_CHUNK.get(device.type, 8)
+def chunk_size_for(length: int, device: torch.device, requested: int | None = None) -> int:
+    """T for a sequence: ``requested``, else the device default evened out over the chunks it
+    implies (L = 18 with a default of 8 gives three chunks of 6 rather than 8 + 8 + 2 padded)."""
+    if requested:
+        return requested
+    target = DEFAULT_CHUNK.get(device.type, 8)
+    num_chunks = -(-length // target)
+    return -(-length // num_chunks)
 
 
 def _delta(delta_raw: Tensor, bias: Tensor, softplus: bool) -> Tensor:
@@ -132,12 +138,13 @@ def _get_kernels(device: torch.device) -> tuple[Callable, Callable]:
     if not _compile_wanted(device):
         return chunk_forward, chunk_backward
     if device.type not in _kernels:
-        # Chunks all have T steps (the last is padded), so only batch/width can change between
-        # calls: they become dynamic on the first change, leaving T (the unrolled loop) static.
-        # A process that scans several layouts (single and bidirectional, training and
-        # sampling) needs a few more variants than dynamo's default limit of 8 allows.
-        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 32)
-        _kernels[device.type] = (torch.compile(chunk_forward), torch.compile(chunk_backward))
+        # Chunks all have T steps (the last is padded), so a kernel is compiled per layout:
+        # static shapes, fastest code. A process that scans several layouts (training and
+        # sampling batches, single and bidirectional) needs more than dynamo's default of 8.
+        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
+        _kernels[device.type] = (
+            torch.compile(chunk_forward, dynamic=False), torch.compile(chunk_backward, dynamic=False)
+        )
         log.info("chunked selective scan: compiling its chunk kernels for %s (once per shape)", device.type)
     return _kernels[device.type]
 
@@ -255,7 +262,7 @@ def selective_scan_chunked(
     chunk_size: int | None = None,
 ) -> Tensor | tuple[Tensor, Tensor]:
     """Same contract as :func:`~dis_dist.ops.selective_scan.reference.selective_scan_ref`;
-    ``chunk_size`` is T (default per device: :data:`DEFAULT_CHUNK`)."""
+    ``chunk_size`` is T (default: :func:`chunk_size_for`)."""
     dtype_in = u.dtype
     compute = torch.promote_types(dtype_in, torch.float32)
     batch, dim, _ = u.shape
@@ -266,7 +273,8 @@ def selective_scan_chunked(
     y, last = _ChunkedScan.apply(
         _time_major(u, compute), _time_major(delta, compute), prep(delta_bias, dim), A.to(compute),
         _time_major(B, compute), _time_major(C, compute), prep(D, dim),
-        prep(initial_state, batch, dim, A.shape[-1]), delta_softplus, chunk_size or default_chunk(u.device),
+        prep(initial_state, batch, dim, A.shape[-1]), delta_softplus,
+        chunk_size_for(u.shape[-1], u.device, chunk_size),
     )
     y = y.movedim(0, -1)
     if z is not None:
@@ -305,7 +313,7 @@ def bidirectional_selective_scan_chunked(
         time_major_in_scan_order(u), time_major_in_scan_order(delta), per_direction(delta_bias),
         A.to(compute)[:, None], time_major_in_scan_order(B), time_major_in_scan_order(C), per_direction(D),
         u.new_zeros(2, batch, dim, A.shape[-1], dtype=compute), delta_softplus,
-        chunk_size or default_chunk(u.device),
+        chunk_size_for(u.shape[-1], u.device, chunk_size),
     )
     y = (y[:, 0] + y[:, 1].flip(0)).permute(1, 2, 0)
     if z is not None:
