@@ -38,8 +38,14 @@ apt:
 	  fi; \
 	fi
 
+DEMO_CACHE ?= runs/data/fmnist-pixels32
+
+# The whole pipeline: Fashion-MNIST -> encode (pixel space) -> shards -> train. A rerun skips
+# the finished shards and resumes training from the newest checkpoint.
 demo: venv
-	$(BIN)/python -m dis_dist.train --config configs/demo_fmnist.yaml
+	$(BIN)/python -m dis_dist.data.encode --input /usr/share/datasets/fashion-mnist \
+	  --output $(DEMO_CACHE) --vae pixels --resolution 32 --shard-size 2500 --no-flip
+	$(BIN)/python -m dis_dist.train --config configs/demo_fmnist.yaml data.url=$(DEMO_CACHE)
 
 test: venv-dev
 	$(BIN)/python -m pytest -q --durations=15

@@ -31,11 +31,18 @@ class ModelConfig:
 
 @dataclass
 class DataConfig:
-    source: Literal["fmnist"] = "fmnist"
-    root: str = "/usr/share/datasets/fashion-mnist"
-    split: Literal["train", "test"] = "train"
+    source: Literal["fmnist", "shards"] = "fmnist"  # Fashion-MNIST in memory, or a latent cache
+    root: str = "/usr/share/datasets/fashion-mnist"  # fmnist: the IDX directory
+    split: Literal["train", "test"] = "train"  # fmnist
+    url: str = ""  # shards: the cache directory (local path or s3://...), as encode_latents wrote it
     image_size: int = 32  # the spatial size the model sees (Fashion-MNIST is padded 28 -> 32)
-    random_flip: bool = True
+    random_flip: bool = True  # shards: the stored flip variant (or a mirrored pixel image)
+    num_workers: int = 2  # shards: DataLoader worker processes per rank (0: in the trainer)
+    shuffle_buffer: int = 1000  # shards: samples in each worker's shuffle buffer
+    cache_dir: str = ""  # shards: local directory caching remote shards
+    on_error: Literal["skip", "raise"] = "skip"  # shards: a shard that fails to read or verify
+    verify: bool = True  # shards: check sample counts, sizes and sha256 against the manifest
+    s3_endpoint: str = ""  # shards: S3 endpoint URL (default: $AWS_ENDPOINT_URL)
 
 
 @dataclass
@@ -283,6 +290,10 @@ def validate(cfg: RunConfig, world_size: int = 1) -> None:
             raise ConfigError(f"{key} must be in [0, 1), got {value}")
     if len(cfg.optim.betas) != 2 or not all(0.0 <= b < 1.0 for b in cfg.optim.betas):
         raise ConfigError(f"optim.betas must be two numbers in [0, 1), got {cfg.optim.betas}")
+    if cfg.data.source == "shards" and not cfg.data.url:
+        raise ConfigError("data.source='shards' needs data.url, the directory of the cache")
+    if cfg.data.num_workers < 0 or cfg.data.shuffle_buffer < 1:
+        raise ConfigError("data.num_workers must be >= 0 and data.shuffle_buffer >= 1")
     per_step = cfg.train.micro_batch * world_size
     if cfg.train.global_batch % per_step:
         raise ConfigError(

@@ -135,7 +135,8 @@ def test_cli_trains_and_resumes(tmp_path, fmnist_root):
 
     args = [
         sys.executable, "-m", "dis_dist.train", "--config", "configs/demo_fmnist.yaml",
-        f"run_dir={tmp_path}", f"data.root={fmnist_root}", "train.steps=2", "train.global_batch=4",
+        f"run_dir={tmp_path}", "data.source=fmnist", f"data.root={fmnist_root}", "train.steps=2",
+        "train.global_batch=4",
         "train.micro_batch=4", "sample.num=10", "sample.steps=2", "log.every=1",
     ]
     root = Path(__file__).resolve().parents[1]

@@ -40,6 +40,14 @@ class BatchLoader:
             )
         self.epoch, self.index = 0, 0
         self._order: Tensor | None = None
+        self.channels, self.image_size = dataset.channels, dataset.image_size
+        self.class_names = dataset.class_names
+        self.shard_errors = 0  # the streaming loader's counter; an in-memory dataset has none
+        self.vae, self.scaling_factor = "pixels", 1.0  # what decodes a sample for display
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
 
     def _generator(self, *key: int) -> torch.Generator:
         seed = self.seed

@@ -34,3 +34,20 @@ def resolve_device(name: str, local_rank: int = 0) -> torch.device:
 
 def single_process_env(device: str = "auto") -> DistEnv:
     return DistEnv(rank=0, world_size=1, local_rank=0, device=resolve_device(device))
+
+
+def worker_from_env(env: dict[str, str] | None = None) -> tuple[int, int]:
+    """(rank, world size) of an independent worker (an encode job, say) from torchrun's
+    RANK/WORLD_SIZE, a SLURM array (SLURM_ARRAY_TASK_ID/COUNT/MIN) or SLURM tasks
+    (SLURM_PROCID/SLURM_NTASKS); (0, 1) otherwise."""
+    import os
+
+    env = os.environ if env is None else env
+    if "RANK" in env and "WORLD_SIZE" in env:
+        return int(env["RANK"]), int(env["WORLD_SIZE"])
+    if "SLURM_ARRAY_TASK_ID" in env and "SLURM_ARRAY_TASK_COUNT" in env:
+        base = int(env.get("SLURM_ARRAY_TASK_MIN", "0"))
+        return int(env["SLURM_ARRAY_TASK_ID"]) - base, int(env["SLURM_ARRAY_TASK_COUNT"])
+    if "SLURM_PROCID" in env and "SLURM_NTASKS" in env:
+        return int(env["SLURM_PROCID"]), int(env["SLURM_NTASKS"])
+    return 0, 1

@@ -14,7 +14,8 @@ import torch
 import yaml
 
 from dis_dist.config import RunConfig, grad_accumulation, save_config, to_dict, validate
-from dis_dist.data import BatchLoader, build_dataset
+from dis_dist.data import build_loader
+from dis_dist.data.encoders import display_decoder
 from dis_dist.diffusion import create_diffusion
 from dis_dist.diffusion.sampling import sample
 from dis_dist.dist.env import DistEnv, single_process_env
@@ -73,21 +74,16 @@ class Trainer:
         self.run_dir = Path(cfg.run_dir)
         self.accum = grad_accumulation(cfg, self.env.world_size)
 
-        self.dataset = build_dataset(cfg.data)
-        self.loader = BatchLoader(
-            self.dataset,
-            cfg.train.micro_batch,
-            seed=cfg.train.seed,
-            rank=self.env.rank,
+        self.loader = build_loader(
+            cfg.data, batch_size=cfg.train.micro_batch, seed=cfg.train.seed, rank=self.env.rank,
             world_size=self.env.world_size,
-            random_flip=cfg.data.random_flip,
         )
-        self.num_classes = self.dataset.num_classes if cfg.model.conditional else 0
+        self.num_classes = self.loader.num_classes if cfg.model.conditional else 0
         seed_everything(cfg.train.seed)  # the same initial weights on every rank
         model = build_model(
             cfg.model.name,
-            input_size=self.dataset.image_size,
-            in_channels=self.dataset.channels,
+            input_size=self.loader.image_size,
+            in_channels=self.loader.channels,
             num_classes=self.num_classes,
             learn_sigma=cfg.model.learn_sigma,
             class_dropout_prob=cfg.model.class_dropout_prob,
@@ -117,6 +113,7 @@ class Trainer:
                 min_ratio=opt.min_lr / opt.lr,
             ),
         )
+        self._decode = None  # latents -> images for sample grids, built on first use
         self.checkpoints = CheckpointManager(self.run_dir / "checkpoints", cfg.checkpoint.keep_last)
         self.step = 0
         self.ema_updates = 0
@@ -172,7 +169,7 @@ class Trainer:
         """EMA samples from fixed noise and labels (one row per class), as a uint8 grid."""
         sc = self.cfg.sample
         gen = torch.Generator().manual_seed(sc.seed)
-        c, s = self.dataset.channels, self.dataset.image_size
+        c, s = self.loader.channels, self.loader.image_size
         noise = torch.randn(sc.num, c, s, s, generator=gen).to(self.env.device)
         labels = None
         ncol = None
@@ -187,7 +184,9 @@ class Trainer:
                 cfg_scale=sc.cfg_scale, cfg_channels=sc.cfg_channels,
                 clip_denoised=sc.clip_denoised, generator=gen,
             )
-        return make_grid(to_uint8(images), ncol=ncol)
+        if self._decode is None:
+            self._decode = display_decoder(self.loader.vae, self.loader.scaling_factor, self.env.device)
+        return make_grid(to_uint8(self._decode(images)), ncol=ncol)
 
     # -- the loop ---------------------------------------------------------------------------
     def fit(self, resume: str = "auto", stop_at_step: int | None = None) -> FitResult:
@@ -258,6 +257,7 @@ class Trainer:
                     "train/lr": self.scheduler.get_last_lr()[0],
                     "train/grad_norm": result.grad_norm,
                     "train/skipped_steps": self.skipped_steps,
+                    "data/shard_errors": self.loader.shard_errors,
                     "perf/images_per_sec": images_per_sec,
                     "perf/images_per_sec_per_device": images_per_sec / env.world_size,
                     "perf/step_time_s": elapsed / n,

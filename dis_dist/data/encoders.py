@@ -1,0 +1,116 @@
+"""Image -> stored latent: the identity for pixel-space caches, or a diffusers AutoencoderKL."""
+
+from __future__ import annotations
+
+from contextlib import nullcontext
+
+import numpy as np
+import torch
+from PIL import Image
+from torch import Tensor
+
+from dis_dist.errors import DataError
+
+
+def to_tensor(images: list[Image.Image]) -> Tensor:
+    """uint8 PIL images (all one size and mode) -> float (n, C, H, W) in [-1, 1]."""
+    arrays = [np.asarray(im) for im in images]
+    x = torch.from_numpy(np.stack(arrays))
+    x = x[:, None] if x.ndim == 3 else x.permute(0, 3, 1, 2)
+    return x.float().div_(127.5).sub_(1.0)
+
+
+class PixelEncoder:
+    """The image itself in [-1, 1] (the paper's CIFAR-10/CelebA pixel-space setting)."""
+
+    name = "pixels"
+    revision = None
+    scaling_factor = 1.0
+    latent_kind = "pixels"
+    image_mode = None  # keep the source's mode: Fashion-MNIST stays one channel
+
+    def encode(self, x: Tensor, generator: torch.Generator | None = None) -> Tensor:
+        return x.to(torch.float16)
+
+
+class VAEEncoder:
+    """A diffusers AutoencoderKL from a hub id or a local directory (works offline from a local copy).
+
+    ``kind``: "moments" stores the posterior mean and std (times the scaling factor) stacked on
+    the channel axis; "sample" one draw; "mean" the mean.
+    """
+
+    image_mode = "RGB"
+
+    def __init__(self, name: str, revision: str | None, kind: str, device: torch.device, precision: str) -> None:
+        try:
+            from diffusers import AutoencoderKL
+        except ImportError:
+            raise DataError("VAE encoding needs diffusers: pip install diffusers") from None
+        try:
+            self.vae = AutoencoderKL.from_pretrained(name, revision=revision).to(device).eval()
+        except Exception as e:  # OSError for a missing repo/dir, plus hub and config errors
+            raise DataError(
+                f"cannot load the VAE {name!r}: {type(e).__name__}: {e}. Give a local directory "
+                f"holding config.json and the weights, or a hub id reachable from here"
+            ) from None
+        self.name, self.revision, self.latent_kind, self.device = name, revision, kind, device
+        self.scaling_factor = float(getattr(self.vae.config, "scaling_factor", 0.18215))
+        if precision == "auto":
+            precision = "fp16" if device.type == "cuda" else "fp32"
+        self.autocast_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": None}[precision]
+
+    @torch.inference_mode()
+    def encode(self, x: Tensor, generator: torch.Generator | None = None) -> Tensor:
+        x = x.to(self.device)
+        ctx = (torch.autocast(self.device.type, dtype=self.autocast_dtype) if self.autocast_dtype
+               else nullcontext())
+        with ctx:
+            posterior = self.vae.encode(x).latent_dist
+        mean, std = posterior.mean.float(), posterior.std.float()
+        if self.latent_kind == "moments":
+            out = torch.cat([mean, std], dim=1)
+        elif self.latent_kind == "sample":
+            noise = torch.randn(mean.shape, generator=generator, device=generator.device if generator else "cpu")
+            out = mean + std * noise.to(mean.device)
+        else:
+            out = mean
+        return (out * self.scaling_factor).to(torch.float16).cpu()
+
+
+def build_encoder(vae: str, revision: str | None, kind: str, device: torch.device, precision: str):  # noqa: ANN201
+    """``vae="pixels"`` for pixel-space caches, else an AutoencoderKL id or directory."""
+    if vae == "pixels":
+        return PixelEncoder()
+    return VAEEncoder(vae, revision, kind, device, precision)
+
+
+def display_decoder(vae: str, scaling_factor: float, device: torch.device):  # noqa: ANN201
+    """latents -> images in [-1, 1] for sample grids: the identity for pixel caches, the VAE's
+    decoder otherwise (or, when that VAE cannot be loaded here, the first channels rescaled,
+    with one warning)."""
+    if vae == "pixels":
+        return lambda z: z
+    import logging
+
+    try:
+        from diffusers import AutoencoderKL
+
+        model = AutoencoderKL.from_pretrained(vae).to(device).eval()
+    except Exception as e:  # no diffusers, no weights offline: grids still show something
+        logging.getLogger(__name__).warning(
+            "cannot load the VAE %r to decode sample grids (%s); showing raw latent channels", vae, e
+        )
+
+        def raw(z: Tensor) -> Tensor:
+            z = z[:, :3]
+            return (z - z.amin(dim=(1, 2, 3), keepdim=True)) / (z.amax(dim=(1, 2, 3), keepdim=True)
+                                                                - z.amin(dim=(1, 2, 3), keepdim=True) + 1e-6) * 2 - 1
+
+        return raw
+
+    @torch.inference_mode()
+    def decode(z: Tensor) -> Tensor:
+        return model.decode(z.to(device, next(model.parameters()).dtype) / scaling_factor).sample.float()
+
+    return decode

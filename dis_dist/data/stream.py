@@ -1,0 +1,211 @@
+"""Streaming a latent cache into training: shards split over ranks and DataLoader workers,
+shuffled, infinite, and exactly resumable.
+
+Each epoch has its own shard order (from the run seed); rank r takes every world-th shard of
+it, and worker w of that rank every num_workers-th of those. A worker streams its shards through
+a shuffle buffer (drained at the epoch's end, so epochs are independent), decodes, draws from
+the moments and picks the flip variant with randomness keyed by (seed, epoch, sample), and
+yields whole batches. The DataLoader hands batches out round-robin over its workers, so the
+number of batches the trainer has taken fixes every worker's position: a resumed stream replays
+at most one epoch of each worker's shards, without decoding, to get back there.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import zlib
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from itertools import count
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from dis_dist.data import fs
+from dis_dist.data.shards import Manifest, decode_sample, iter_shard, load_manifest
+from dis_dist.errors import DataError
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class StreamSpec:
+    url: str
+    batch_size: int
+    seed: int = 0
+    rank: int = 0
+    world_size: int = 1
+    num_workers: int = 0
+    shuffle_buffer: int = 1000
+    random_flip: bool = True
+    on_error: str = "skip"  # or "raise"
+    verify: bool = True  # sample count, size and sha256 of each shard against the manifest
+    cache_dir: str | None = None  # local copies of remote shards
+    options: dict[str, Any] = field(default_factory=dict)  # fsspec storage options
+
+
+def _mix(*parts: int) -> int:
+    h = 0
+    for p in parts:
+        h = (h * 1_000_003 + p) % (2**63 - 1)
+    return h
+
+
+def _key_int(key: str) -> int:
+    return int(key) if key.isdigit() else zlib.crc32(key.encode())
+
+
+class ShardStream(IterableDataset):
+    """Yields (x float32 (B, C, H, W), labels (B,), shard errors seen by this worker so far)."""
+
+    def __init__(self, manifest: Manifest, spec: StreamSpec, start_batches: int = 0) -> None:
+        super().__init__()
+        self.manifest, self.spec, self.start_batches = manifest, spec, start_batches
+
+    # -- which shards, in which order ---------------------------------------------------------
+    def shards_for(self, epoch: int, worker: int, workers: int) -> list[int]:
+        order = list(range(len(self.manifest.shards)))
+        random.Random(_mix(self.spec.seed, epoch)).shuffle(order)
+        return order[self.spec.rank :: self.spec.world_size][worker::workers]
+
+    def _locate(self, samples: int, worker: int, workers: int) -> tuple[int, int]:
+        """(epoch, offset in it) of a worker's ``samples``-th sample."""
+        for epoch in count():
+            size = sum(self.manifest.shards[i].samples for i in self.shards_for(epoch, worker, workers))
+            if samples < size:
+                return epoch, samples
+            samples -= size
+        raise AssertionError("unreachable")
+
+    # -- reading ------------------------------------------------------------------------------
+    def _raw_epoch(self, epoch: int, worker: int, workers: int, errors: list[int]) -> Iterator[dict]:
+        spec = self.spec
+        rng = random.Random(_mix(spec.seed, epoch, spec.rank, worker, 7))
+        buffer: list[dict] = []
+        for index in self.shards_for(epoch, worker, workers):
+            info = self.manifest.shards[index]
+            url = fs.join(spec.url, info.name)
+            try:
+                with fs.open_for_read(url, spec.options, spec.cache_dir) as f:
+                    for sample in iter_shard(f, verify=info if spec.verify else None):
+                        if len(buffer) < spec.shuffle_buffer:
+                            buffer.append(sample)
+                            continue
+                        j = rng.randrange(len(buffer))
+                        buffer[j], sample = sample, buffer[j]
+                        yield sample
+            except (DataError, OSError) as e:
+                if spec.on_error == "raise":
+                    raise DataError(f"shard {url}: {e}") from None
+                errors[0] += 1
+                log.warning("skipping (the rest of) shard %s: %s", url, e)
+        rng.shuffle(buffer)
+        yield from buffer
+
+    def _decode(self, raw: dict, epoch: int) -> tuple[np.ndarray, int]:
+        latent, flip, label = decode_sample(raw)
+        rng = np.random.default_rng([self.spec.seed, epoch, _key_int(raw["__key__"])])
+        if self.spec.random_flip and rng.random() < 0.5:
+            if flip is not None:
+                latent = flip
+            elif self.manifest.info.latent_kind == "pixels":
+                latent = latent[..., ::-1]
+        latent = latent.astype(np.float32)
+        if self.manifest.info.latent_kind == "moments":
+            mean, std = np.split(latent, 2, axis=0)
+            latent = mean + std * rng.standard_normal(mean.shape, dtype=np.float32)
+        return latent, label
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, int]]:
+        info = get_worker_info()
+        worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        # A fresh DataLoader starts its round-robin at worker 0, but batch number start_batches
+        # belongs to stream start_batches % workers: this process plays that stream.
+        worker = (worker + self.start_batches) % workers
+        batch_size = self.spec.batch_size
+        delivered = max(0, -(-(self.start_batches - worker) // workers))  # batches k < start, k % W == w
+        start_epoch, skip = self._locate(delivered * batch_size, worker, workers)
+        errors = [0]
+        xs, ys = [], []
+        for epoch in count(start_epoch):
+            produced = 0
+            for raw in self._raw_epoch(epoch, worker, workers, errors):
+                produced += 1
+                if skip:
+                    skip -= 1
+                    continue
+                x, y = self._decode(raw, epoch)
+                xs.append(x)
+                ys.append(y)
+                if len(xs) == batch_size:
+                    yield torch.from_numpy(np.stack(xs)), torch.tensor(ys), errors[0]
+                    xs, ys = [], []
+            if produced == 0:
+                raise DataError(f"worker {worker} of rank {self.spec.rank} read no sample in epoch {epoch}: "
+                                f"every one of its shards failed ({errors[0]} errors)")
+
+
+class StreamLoader:
+    """The trainer's view of a latent cache: ``next()`` gives (x, labels); ``state_dict()`` is
+    the number of batches taken (plus what must match on resume)."""
+
+    def __init__(self, spec: StreamSpec, manifest: Manifest | None = None) -> None:
+        self.spec = spec
+        self.manifest = manifest or load_manifest(spec.url, spec.options)
+        needed = spec.world_size * max(1, spec.num_workers)
+        if len(self.manifest.shards) < needed:
+            raise DataError(
+                f"{spec.url!r} has {len(self.manifest.shards)} shards, fewer than ranks x loader workers "
+                f"= {needed}: re-encode with a smaller --shard-size or use fewer data.num_workers"
+            )
+        info = self.manifest.info
+        self.channels, self.image_size = info.channels, info.latent_shape[-1]
+        self.class_names = tuple(info.class_names)
+        self.vae, self.scaling_factor = info.vae, info.scaling_factor
+        self.batches = 0
+        self._iter: Iterator | None = None
+        self._errors = [0] * max(1, spec.num_workers)
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+    @property
+    def shard_errors(self) -> int:
+        """Shards (or shard tails) skipped because they failed to read or verify."""
+        return sum(self._errors)
+
+    def _start(self) -> None:
+        dataset = ShardStream(self.manifest, self.spec, start_batches=self.batches)
+        workers = self.spec.num_workers
+        loader = DataLoader(dataset, batch_size=None, num_workers=workers,
+                            prefetch_factor=4 if workers else None, persistent_workers=False)
+        self._iter = iter(loader)
+
+    def __iter__(self) -> StreamLoader:
+        return self
+
+    def __next__(self) -> tuple[torch.Tensor, torch.Tensor]:
+        if self._iter is None:
+            self._start()
+        x, y, errors = next(self._iter)
+        self._errors[self.batches % len(self._errors)] = int(errors)
+        self.batches += 1
+        return x, y
+
+    def state_dict(self) -> dict[str, Any]:
+        s = self.spec
+        return {"batches": self.batches, "seed": s.seed, "world_size": s.world_size,
+                "num_workers": s.num_workers, "batch_size": s.batch_size}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        mine = self.state_dict()
+        changed = [k for k in ("seed", "world_size", "num_workers", "batch_size") if state.get(k) != mine[k]]
+        if changed:
+            log.warning("data stream resumed with different %s: the sample order differs from the "
+                        "uninterrupted run's from here on", ", ".join(changed))
+        self.batches = int(state["batches"])
+        self._iter = None

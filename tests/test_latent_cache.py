@@ -1,0 +1,352 @@
+"""The latent-cache pipeline: encode -> shards + manifest -> streaming loader -> trainer,
+locally and against a real S3 endpoint (moto_server on 127.0.0.1)."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from dis_dist.data import fs
+from dis_dist.data.encode import encode, parse_args
+from dis_dist.data.shards import MANIFEST, finished_shards, load_manifest, shard_name
+from dis_dist.data.stream import ShardStream, StreamLoader, StreamSpec
+from dis_dist.errors import DataError
+from tests.conftest import require
+
+ROOT = Path(__file__).resolve().parents[1]
+CLASSES = ["ant", "bee", "cat"]
+
+
+@pytest.fixture(scope="module")
+def image_folder(tmp_path_factory) -> Path:
+    """3 classes x 7 images of assorted sizes and modes, plus one corrupt file."""
+    root = tmp_path_factory.mktemp("images")
+    rng = np.random.default_rng(0)
+    for c, name in enumerate(CLASSES):
+        (root / name).mkdir()
+        for i in range(7):
+            h, w = rng.integers(36, 80, size=2)
+            arr = rng.integers(0, 256, size=(h, w, 3), dtype=np.uint8)
+            arr[..., c] = 255  # class-coloured, so labels can be checked from pixels
+            mode = "L" if i == 3 else "RGB"
+            Image.fromarray(arr).convert(mode).save(root / name / f"img{i}.{'png' if i % 2 else 'jpg'}")
+    (root / "bee" / "broken.jpg").write_bytes(b"\xff\xd8 this is not a jpeg")
+    return root
+
+
+@pytest.fixture(scope="module")
+def tiny_vae(tmp_path_factory) -> Path:
+    require(_has("diffusers"), "diffusers (pip install diffusers)")
+    from diffusers import AutoencoderKL
+
+    torch.manual_seed(0)
+    vae = AutoencoderKL(
+        in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(8, 16), layers_per_block=1,
+        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
+        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"), norm_num_groups=4, sample_size=32,
+    )
+    path = tmp_path_factory.mktemp("vae") / "tiny-vae"
+    vae.save_pretrained(path)
+    return path
+
+
+def _has(module: str) -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec(module) is not None
+
+
+def _encode(*argv: str):  # noqa: ANN202
+    return encode(parse_args(["--no-progress", *argv]))
+
+
+def _all_keys(url: str, manifest, world: int, workers: int, epoch: int, options=None) -> list[list[str]]:
+    """Keys each (rank, worker) stream reads in ``epoch``."""
+    out = []
+    for rank in range(world):
+        stream = ShardStream(manifest, StreamSpec(url=url, batch_size=1, rank=rank, world_size=world,
+                                                  shuffle_buffer=5, options=options or {}))
+        for w in range(workers):
+            out.append([s["__key__"] for s in stream._raw_epoch(epoch, w, workers, [0])])
+    return out
+
+
+# -- local round trip -------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def vae_cache(image_folder, tiny_vae, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("cache") / "vae32"
+    result = _encode("--input", str(image_folder), "--output", str(out), "--vae", str(tiny_vae),
+                     "--resolution", "32", "--shard-size", "4", "--batch-size", "3")
+    assert result.manifest is not None
+    return out
+
+
+def test_encode_writes_shards_and_manifest(vae_cache, tiny_vae):
+    manifest = load_manifest(str(vae_cache))
+    info = manifest.info
+    assert info.class_names == CLASSES and info.latent_kind == "moments" and info.has_flip
+    assert info.latent_shape == [8, 16, 16] and info.channels == 4 and info.latent_dtype == "float16"
+    assert info.vae == str(tiny_vae) and info.scaling_factor == pytest.approx(0.18215)
+    assert manifest.total_samples == 21 and len(manifest.shards) == 6  # 22 files, one corrupt
+    assert [s.source.rsplit("/", 1)[-1] for s in manifest.skipped] == ["broken.jpg"]
+    assert "unreadable image" in manifest.skipped[0].reason
+    import hashlib
+
+    for shard in manifest.shards:
+        data = (vae_cache / shard.name).read_bytes()
+        assert len(data) == shard.bytes and hashlib.sha256(data).hexdigest() == shard.sha256
+    assert not list(vae_cache.glob("*.tmp-*"))
+
+
+def test_every_sample_once_per_epoch_over_ranks_and_workers(vae_cache):
+    manifest = load_manifest(str(vae_cache))
+    for epoch in (0, 1):
+        per_stream = _all_keys(str(vae_cache), manifest, world=2, workers=2, epoch=epoch)
+        keys = [k for part in per_stream for k in part]
+        assert len(keys) == len(set(keys)) == manifest.total_samples
+    assert _all_keys(str(vae_cache), manifest, 2, 2, 0) != _all_keys(str(vae_cache), manifest, 2, 2, 1)
+
+
+def test_latents_labels_and_flips_match_direct_encoding(vae_cache, image_folder, tiny_vae):
+    from diffusers import AutoencoderKL
+
+    from dis_dist.data.encoders import to_tensor
+    from dis_dist.data.shards import decode_sample, iter_shard
+    from dis_dist.data.sources import center_crop
+    from dis_dist.data.sources import image_folder as folder_source
+
+    source = folder_source(str(image_folder), shard_size=4, seed=0)
+    items = {it.key: it for unit in source.units for it in unit()}
+    vae = AutoencoderKL.from_pretrained(tiny_vae).eval()
+    manifest = load_manifest(str(vae_cache))
+    with open(vae_cache / manifest.shards[0].name, "rb") as f:
+        samples = list(iter_shard(f, verify=manifest.shards[0]))
+    assert len(samples) == manifest.shards[0].samples
+    for sample in samples:
+        latent, flip, label = decode_sample(sample)
+        item = items[sample["__key__"]]
+        assert CLASSES[label] == Path(item.origin).parent.name  # the label is the image's folder
+        image = center_crop(item.load().convert("RGB"), 32)
+        x = to_tensor([image])
+        with torch.no_grad():
+            direct = vae.encode(x).latent_dist
+            direct_flip = vae.encode(x.flip(-1)).latent_dist
+        sf = manifest.info.scaling_factor
+        np.testing.assert_allclose(latent[:4], (direct.mean[0] * sf).numpy(), rtol=1e-2, atol=2e-3)
+        np.testing.assert_allclose(latent[4:], (direct.std[0] * sf).numpy(), rtol=1e-2, atol=2e-3)
+        np.testing.assert_allclose(flip[:4], (direct_flip.mean[0] * sf).numpy(), rtol=1e-2, atol=2e-3)
+
+
+def test_loader_draws_from_the_moments_and_resumes_exactly(vae_cache):
+    spec = StreamSpec(url=str(vae_cache), batch_size=3, seed=5, num_workers=2, shuffle_buffer=4)
+    first = StreamLoader(spec)
+    for _ in range(5):
+        x, y = next(first)
+        assert x.shape == (3, 4, 16, 16) and x.dtype == torch.float32 and y.dtype == torch.long
+    state = first.state_dict()
+    expected = [next(first) for _ in range(6)]  # crosses into the second epoch (21 samples)
+    resumed = StreamLoader(spec)
+    resumed.load_state_dict(state)
+    for (x1, y1), (x2, y2) in zip(expected, (next(resumed) for _ in range(6))):
+        assert torch.equal(x1, x2) and torch.equal(y1, y2)
+    # A fresh draw from the moments: the same sample differs between epochs.
+    manifest = load_manifest(str(vae_cache))
+    stream = ShardStream(manifest, StreamSpec(url=str(vae_cache), batch_size=1, random_flip=False))
+    raw = next(stream._raw_epoch(0, 0, 1, [0]))
+    a, _ = stream._decode(raw, epoch=0)
+    b, _ = stream._decode(raw, epoch=1)
+    assert a.shape == (4, 16, 16) and not np.allclose(a, b)
+
+
+def test_encode_resumes_without_reencoding(image_folder, tmp_path, monkeypatch):
+    from dis_dist.data import encode as encode_module
+    from dis_dist.data.encoders import PixelEncoder
+
+    calls = []
+    original = PixelEncoder.encode
+
+    def counting(self, x, generator=None):
+        calls.append(len(x))
+        return original(self, x, generator)
+
+    monkeypatch.setattr(PixelEncoder, "encode", counting)
+    written = []
+    real_write = encode_module.write_shard
+
+    def dying_write(*args, **kwargs):
+        if len(written) == 3:
+            raise KeyboardInterrupt  # the job is killed after three shards
+        written.append(args[1])
+        return real_write(*args, **kwargs)
+
+    monkeypatch.setattr(encode_module, "write_shard", dying_write)
+    out = tmp_path / "px"
+    argv = ["--input", str(image_folder), "--output", str(out), "--resolution", "32", "--shard-size", "4",
+            "--no-flip"]
+    with pytest.raises(KeyboardInterrupt):
+        _encode(*argv)
+    assert finished_shards(str(out)) == {shard_name(i) for i in range(3)}
+    assert not (out / MANIFEST).exists()
+    monkeypatch.setattr(encode_module, "write_shard", real_write)
+    calls.clear()
+    result = _encode(*argv)
+    assert result.skipped_existing == [shard_name(i) for i in range(3)]
+    assert result.encoded == [shard_name(i) for i in range(3, 6)]
+    manifest = load_manifest(str(out))
+    assert manifest.total_samples == 21
+    # The shape probe, then only the unfinished shards' images.
+    assert sum(calls) == 1 + sum(s.samples for s in manifest.shards[3:])
+
+
+def test_two_workers_split_the_shards(image_folder, tmp_path):
+    out = tmp_path / "split"
+    argv = ["--input", str(image_folder), "--output", str(out), "--resolution", "32", "--shard-size", "4"]
+    first = _encode(*argv, "--rank", "0", "--world-size", "2")
+    assert first.encoded == [shard_name(i) for i in (0, 2, 4)] and first.manifest is None
+    second = _encode(*argv, "--rank", "1", "--world-size", "2")
+    assert second.encoded == [shard_name(i) for i in (1, 3, 5)] and second.manifest is not None
+    assert _encode(*argv, "--finalize").manifest.total_samples == 21
+
+
+def test_truncated_shard_is_skipped_or_raises(vae_cache, tmp_path):
+    broken = tmp_path / "broken"
+    shutil.copytree(vae_cache, broken)
+    manifest = load_manifest(str(broken))
+    victim = broken / manifest.shards[1].name
+    victim.write_bytes(victim.read_bytes()[: victim.stat().st_size // 3])
+    loader = StreamLoader(StreamSpec(url=str(broken), batch_size=4, shuffle_buffer=2))
+    seen = sum(len(next(loader)[1]) for _ in range(5))  # 20 samples: all of epoch 0's readable ones
+    assert seen == 20 and loader.shard_errors == 1
+    strict = StreamLoader(StreamSpec(url=str(broken), batch_size=4, on_error="raise"))
+    with pytest.raises(DataError, match=manifest.shards[1].name):
+        for _ in range(10):
+            next(strict)
+
+
+def test_missing_manifest_names_the_url(tmp_path):
+    with pytest.raises(DataError, match=f"no manifest at '{tmp_path}/{MANIFEST}'"):
+        load_manifest(str(tmp_path))
+
+
+def test_encode_cli_errors(tmp_path):
+    def run(*args):
+        return subprocess.run([sys.executable, "-m", "dis_dist.data.encode", "--no-progress", *args],
+                              capture_output=True, text=True, cwd=ROOT)
+
+    missing = run("--input", str(tmp_path / "nope"), "--output", str(tmp_path / "o"))
+    assert missing.returncode == 2 and "does not exist" in missing.stderr
+    (tmp_path / "imgs" / "a").mkdir(parents=True)
+    Image.new("RGB", (8, 8)).save(tmp_path / "imgs" / "a" / "x.png")
+    no_vae = run("--input", str(tmp_path / "imgs"), "--output", str(tmp_path / "o"), "--vae", str(tmp_path / "novae"))
+    assert no_vae.returncode == 2 and "cannot load the VAE" in no_vae.stderr
+
+
+def test_fmnist_pixels_cache_trains(fmnist_root, tmp_path):
+    from dis_dist.config import load_config
+    from dis_dist.train.trainer import Trainer
+
+    cache = tmp_path / "fmnist"
+    result = _encode("--input", str(fmnist_root), "--output", str(cache), "--vae", "pixels", "--split", "test",
+                     "--resolution", "32", "--shard-size", "2500", "--no-flip")
+    info = result.manifest.info
+    assert info.latent_kind == "pixels" and info.latent_shape == [1, 32, 32] and result.manifest.total_samples == 10_000
+    cfg = load_config(ROOT / "configs" / "demo_fmnist.yaml", [
+        f"run_dir={tmp_path / 'run'}", f"data.url={cache}", "data.num_workers=2", "train.steps=2",
+        "train.global_batch=8", "train.micro_batch=8", "sample.every=0", "sample.num=10", "sample.steps=2",
+    ])
+    fit = Trainer(cfg).fit()
+    assert fit.step == 2 and np.isfinite(fit.final_loss) and fit.samples_png.is_file()
+
+
+# -- S3 ---------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def s3_endpoint():
+    """A real S3 endpoint: moto_server on a free local port, with one bucket."""
+    server = shutil.which("moto_server") or str(Path(sys.executable).parent / "moto_server")
+    require(Path(server).exists() and _has("s3fs"), "moto_server and s3fs (pip install 'moto[server]' s3fs)")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen([server, "-H", "127.0.0.1", "-p", str(port)], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{port}"
+    env = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1",
+           "AWS_ENDPOINT_URL": url}
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    try:
+        for _ in range(100):
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+                break
+            except OSError:
+                time.sleep(0.1)
+        import s3fs
+
+        s3fs.S3FileSystem.clear_instance_cache()
+        s3fs.S3FileSystem(endpoint_url=url).mkdir("dis-test")
+        yield url
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+@pytest.mark.slow
+def test_s3_round_trip_encode_stream_train(s3_endpoint, image_folder, tiny_vae, tmp_path):
+    url = "s3://dis-test/vae32"
+    result = _encode("--input", str(image_folder), "--output", url, "--vae", str(tiny_vae), "--resolution", "32",
+                     "--shard-size", "4", "--batch-size", "4")
+    assert result.manifest.total_samples == 21
+    fsys, path = fs.filesystem(url)
+    assert sorted(p.rsplit("/", 1)[-1] for p in fsys.ls(path)) == sorted(
+        [MANIFEST, "_fragments"] + [shard_name(i) for i in range(6)])
+    manifest = load_manifest(url)
+    keys = [k for part in _all_keys(url, manifest, world=2, workers=2, epoch=0) for k in part]
+    assert sorted(keys) == sorted(set(keys)) and len(keys) == 21
+    # Through a local cache directory, with DataLoader workers (forked processes).
+    cache_dir = tmp_path / "shard-cache"
+    loader = StreamLoader(StreamSpec(url=url, batch_size=7, num_workers=2, cache_dir=str(cache_dir)))
+    assert sum(len(next(loader)[1]) for _ in range(3)) == 21
+    assert len(list(cache_dir.iterdir())) > 0
+
+    from dis_dist.config import load_config
+    from dis_dist.train.trainer import Trainer
+
+    cfg = load_config(None, [
+        f"run_dir={tmp_path / 'run'}", "data.source=shards", f"data.url={url}", "data.image_size=16",
+        "data.num_workers=0", "model.name=DiS-T/8", "train.steps=2", "train.global_batch=4",
+        "train.micro_batch=4", "sample.every=0", "sample.num=3", "sample.steps=2",
+    ])
+    fit = Trainer(cfg).fit()
+    assert fit.step == 2 and np.isfinite(fit.final_loss)
+
+
+@pytest.mark.slow
+def test_webdataset_reads_s3_through_our_handler(s3_endpoint, vae_cache):
+    require(_has("webdataset"), "webdataset")
+    import webdataset as wds
+
+    fs.register_webdataset_handler()
+    manifest = load_manifest(str(vae_cache))
+    name = manifest.shards[0].name
+    fs.filesystem("s3://dis-test")[0].put(str(vae_cache / name), f"dis-test/wds/{name}")
+    samples = list(wds.WebDataset(f"s3://dis-test/wds/{name}", shardshuffle=False))
+    assert len(samples) == manifest.shards[0].samples
+    assert {"latent.npy", "latent_flip.npy", "cls"} <= set(samples[0])
