@@ -41,7 +41,7 @@ class DataConfig:
     shuffle_buffer: int = 1000  # shards: samples in each worker's shuffle buffer
     cache_dir: str = ""  # shards: local directory caching remote shards
     on_error: Literal["skip", "raise"] = "skip"  # shards: a shard that fails to read or verify
-    verify: bool = True  # shards: check sample counts, sizes and sha256 against the manifest
+    verify: Literal["size", "sha256", "none"] = "size"  # shards: check each against the manifest
     s3_endpoint: str = ""  # shards: S3 endpoint URL (default: $AWS_ENDPOINT_URL)
 
 

@@ -12,10 +12,15 @@ the shard, so a fragment means a complete shard); ``manifest.json`` merges the f
 
 from __future__ import annotations
 
+import ast
 import dataclasses
+import functools
 import hashlib
 import io
 import json
+import math
+import mmap
+import os
 import tarfile
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -212,60 +217,124 @@ def merge_fragments(root: str, options: fs.StorageOptions | None = None) -> Mani
 
 # -- reading ----------------------------------------------------------------------------------
 
-class _HashingReader:
-    """A read-only file wrapper that hashes what passes through it."""
-
-    def __init__(self, f: IO[bytes]) -> None:
-        self.f, self.sha = f, hashlib.sha256()
-        self.count = 0
-
-    def read(self, n: int = -1) -> bytes:
-        data = self.f.read(n)
-        self.sha.update(data)
-        self.count += len(data)
-        return data
+@functools.lru_cache(maxsize=64)
+def _npy_header(header: bytes) -> tuple[np.dtype, tuple[int, ...]]:
+    d = ast.literal_eval(header.decode("latin1"))
+    if d.get("fortran_order"):
+        raise ValueError("Fortran-ordered arrays are not used in latent shards")
+    return np.dtype(d["descr"]), tuple(d["shape"])
 
 
-def iter_shard(f: IO[bytes], *, verify: ShardInfo | None = None) -> Iterator[dict[str, bytes]]:
-    """Samples of a shard as {"__key__": key, "latent.npy": bytes, ...}, in order. With
-    ``verify``, checks the sample count, the bytes and their sha256 at the end; a mismatch or a
-    truncated/corrupt tar raises DataError (after yielding what was readable)."""
-    reader = _HashingReader(f)
-    current: dict[str, Any] | None = None
-    count = 0
+def npy_array(data: bytes | memoryview) -> np.ndarray:
+    """A .npy payload as a (read-only, zero-copy) array. Every sample of a shard has the same
+    header, so parsing it is a cache lookup: this is ~70x faster than np.load per sample."""
+    data = memoryview(data)
+    if bytes(data[:6]) != b"\x93NUMPY":
+        raise ValueError("not a .npy payload")
+    if data[6] == 1:
+        length, start = int.from_bytes(data[8:10], "little"), 10
+    else:
+        length, start = int.from_bytes(data[8:12], "little"), 12
+    dtype, shape = _npy_header(bytes(data[start : start + length]))
+    return np.frombuffer(data, dtype=dtype, offset=start + length, count=math.prod(shape)).reshape(shape)
+
+
+def _tar_members(data: memoryview) -> Iterator[tuple[str, memoryview]]:
+    """(name, payload) of the regular files of an in-memory tar (ustar, GNU long names, pax)."""
+    pos, end, long_name = 0, len(data), None
+    while pos + 512 <= end:
+        header = data[pos : pos + 512]
+        if not any(header[:100]):  # the two zero blocks that end an archive
+            return
+        name = bytes(header[:100]).split(b"\0", 1)[0].decode()
+        prefix = bytes(header[345:500]).split(b"\0", 1)[0].decode()
+        if prefix and bytes(header[257:262]) == b"ustar":
+            name = f"{prefix}/{name}"
+        size_field = bytes(header[124:136]).split(b"\0", 1)[0].strip()
+        size = int(size_field, 8) if size_field else 0
+        kind = header[156:157].tobytes()
+        body = pos + 512
+        if body + size > end:
+            raise DataError(f"truncated tar: member {name!r} needs {size} bytes, {end - body} left")
+        payload = data[body : body + size]
+        pos = body + (size + 511) // 512 * 512
+        if kind == b"L":  # GNU long name of the next member
+            long_name = bytes(payload).split(b"\0", 1)[0].decode()
+            continue
+        if kind == b"x":  # pax header: the path record, if any, names the next member
+            for record in bytes(payload).decode().splitlines():
+                if " path=" in record:
+                    long_name = record.split(" path=", 1)[1]
+            continue
+        if kind in (b"0", b"\0"):
+            yield (long_name or name), payload
+        long_name = None
+    raise DataError("truncated tar: no end-of-archive blocks")
+
+
+VERIFY_LEVELS = ("size", "sha256", "none")
+
+
+def load_shard(url: str, options: fs.StorageOptions | None = None, cache_dir: str | None = None) -> bytes | memoryview:
+    """A shard's bytes: memory-mapped when local (pages are read only when a sample's array is
+    used, so an unused flip variant costs no I/O), read whole otherwise."""
+    if fs.is_local(url):
+        path = url.removeprefix("file://")
+        try:
+            with open(path, "rb") as f:
+                if os.fstat(f.fileno()).st_size == 0:
+                    return b""
+                return memoryview(mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ))
+        except OSError as e:
+            raise DataError(f"cannot read shard {url!r}: {e}") from None
     try:
-        with tarfile.open(fileobj=reader, mode="r|") as tar:
-            for member in tar:
-                if not member.isfile():
-                    continue
-                key, _, ext = member.name.partition(".")
-                data = tar.extractfile(member).read()
-                if current is None or current["__key__"] != key:
-                    if current is not None:
-                        count += 1
-                        yield current
-                    current = {"__key__": key}
-                current[ext] = data
-        while reader.read(1 << 16):  # the tar's end padding, for the hash
-            pass
-    except (tarfile.TarError, EOFError, OSError) as e:
-        raise DataError(f"corrupt or truncated shard: {type(e).__name__}: {e}") from None
-    if current is not None:
-        count += 1
-        yield current
+        with fs.open_for_read(url, options, cache_dir) as f:
+            return f.read()
+    except OSError as e:
+        raise DataError(f"cannot read shard {url!r}: {e}") from None
+
+
+def read_shard(source: IO[bytes] | bytes | memoryview, *, verify: ShardInfo | None = None,
+               level: str = "sha256") -> list[dict[str, Any]]:
+    """Every sample of a shard (a file object, or its bytes) as {"__key__": key, "latent.npy":
+    payload, ...}, in order. With ``verify``, the shard is checked against its manifest entry
+    before any sample is used: ``level`` "size" (bytes and sample count), "sha256" (and the
+    hash), or "none". A mismatch or a corrupt tar raises DataError."""
+    if isinstance(source, (bytes, memoryview)):
+        data = source
+    else:
+        try:
+            data = source.read()
+        except OSError as e:
+            raise DataError(f"cannot read shard: {e}") from None
+    if level == "none":
+        verify = None
     if verify is not None:
-        if count != verify.samples:
-            raise DataError(f"shard {verify.name} has {count} samples, the manifest says {verify.samples}")
-        if reader.count != verify.bytes or reader.sha.hexdigest() != verify.sha256:
-            raise DataError(f"shard {verify.name} does not match its manifest sha256/size")
+        if len(data) != verify.bytes:
+            raise DataError(f"shard {verify.name} has {len(data)} bytes, the manifest says {verify.bytes}")
+        if level == "sha256" and hashlib.sha256(data).hexdigest() != verify.sha256:
+            raise DataError(f"shard {verify.name} does not match its manifest sha256")
+    samples: list[dict[str, Any]] = []
+    for name, payload in _tar_members(memoryview(data)):
+        key, _, ext = name.rpartition("/")[2].partition(".")
+        key = name[: len(name) - len(ext) - 1] if ext else name
+        if not samples or samples[-1]["__key__"] != key:
+            samples.append({"__key__": key})
+        samples[-1][ext] = payload
+    if verify is not None and len(samples) != verify.samples:
+        raise DataError(f"shard {verify.name} has {len(samples)} samples, the manifest says {verify.samples}")
+    return samples
 
 
-def decode_sample(sample: dict[str, bytes]) -> tuple[np.ndarray, np.ndarray | None, int]:
+def iter_shard(f: IO[bytes], *, verify: ShardInfo | None = None) -> Iterator[dict[str, Any]]:
+    """:func:`read_shard` (full verification), one sample at a time."""
+    yield from read_shard(f, verify=verify)
+
+
+def decode_sample(sample: dict[str, Any]) -> tuple[np.ndarray, np.ndarray | None, int]:
     """(latent, latent_flip or None, label) of a raw sample."""
     try:
-        latent = np.load(io.BytesIO(sample["latent.npy"]), allow_pickle=False)
         flip = sample.get("latent_flip.npy")
-        flip = None if flip is None else np.load(io.BytesIO(flip), allow_pickle=False)
-        return latent, flip, int(sample["cls"])
-    except (KeyError, ValueError) as e:
+        return npy_array(sample["latent.npy"]), None if flip is None else npy_array(flip), int(bytes(sample["cls"]))
+    except (KeyError, ValueError, SyntaxError) as e:
         raise DataError(f"sample {sample.get('__key__')!r} is malformed: {e}") from None

@@ -111,13 +111,13 @@ def image_shards(url: str, num_classes: int | None, options: fs.StorageOptions |
                 key, origin = sample["__key__"], f"{path}:{sample['__key__']}"
                 ext = next((e for e in ("jpg", "jpeg", "png", "webp") if e in sample), None)
                 data = sample[ext] if ext else b""
-                label = int(sample["cls"]) if "cls" in sample else -1
+                label = int(bytes(sample["cls"])) if "cls" in sample else -1
                 yield Item(key=key.replace("/", "_"), label=label, origin=origin,
                            load=lambda d=data, o=origin: _decode_image(d, o))
 
     if num_classes is None:
         with fsys.open(paths[0], "rb") as f:
-            num_classes = 1 + max((int(s["cls"]) for s in iter_shard(f) if "cls" in s), default=-1)
+            num_classes = 1 + max((int(bytes(s["cls"])) for s in iter_shard(f) if "cls" in s), default=-1)
     return Source("shards", [str(i) for i in range(num_classes)], [lambda p=p: unit(p) for p in paths],
                   "center-crop")
 

@@ -2,19 +2,19 @@
 shuffled, infinite, and exactly resumable.
 
 Each epoch has its own shard order (from the run seed); rank r takes every world-th shard of
-it, and worker w of that rank every num_workers-th of those. A worker streams its shards through
-a shuffle buffer (drained at the epoch's end, so epochs are independent), decodes, draws from
-the moments and picks the flip variant with randomness keyed by (seed, epoch, sample), and
-yields whole batches. The DataLoader hands batches out round-robin over its workers, so the
-number of batches the trainer has taken fixes every worker's position: a resumed stream replays
-at most one epoch of each worker's shards, without decoding, to get back there.
+it, and worker w of that rank every num_workers-th of those. A worker reads each shard whole,
+checks it against the manifest before using it, passes its samples through a shuffle buffer
+(drained at the epoch's end, so epochs are independent) and yields whole batches, decoded with
+randomness (flip variant, the draw from the moments) keyed by (seed, rank, stream, batch
+number). The DataLoader hands batches out round-robin over its workers, so the number of
+batches the trainer has taken fixes every stream's position: a resumed stream replays at most
+one epoch of its shards, without decoding, to get back there.
 """
 
 from __future__ import annotations
 
 import logging
 import random
-import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from itertools import count
@@ -25,7 +25,7 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from dis_dist.data import fs
-from dis_dist.data.shards import Manifest, decode_sample, iter_shard, load_manifest
+from dis_dist.data.shards import Manifest, load_manifest, load_shard, npy_array, read_shard
 from dis_dist.errors import DataError
 
 log = logging.getLogger(__name__)
@@ -42,7 +42,7 @@ class StreamSpec:
     shuffle_buffer: int = 1000
     random_flip: bool = True
     on_error: str = "skip"  # or "raise"
-    verify: bool = True  # sample count, size and sha256 of each shard against the manifest
+    verify: str = "size"  # check each shard against the manifest: "size" (and sample count), "sha256", "none"
     cache_dir: str | None = None  # local copies of remote shards
     options: dict[str, Any] = field(default_factory=dict)  # fsspec storage options
 
@@ -52,10 +52,6 @@ def _mix(*parts: int) -> int:
     for p in parts:
         h = (h * 1_000_003 + p) % (2**63 - 1)
     return h
-
-
-def _key_int(key: str) -> int:
-    return int(key) if key.isdigit() else zlib.crc32(key.encode())
 
 
 class ShardStream(IterableDataset):
@@ -89,35 +85,46 @@ class ShardStream(IterableDataset):
             info = self.manifest.shards[index]
             url = fs.join(spec.url, info.name)
             try:
-                with fs.open_for_read(url, spec.options, spec.cache_dir) as f:
-                    for sample in iter_shard(f, verify=info if spec.verify else None):
-                        if len(buffer) < spec.shuffle_buffer:
-                            buffer.append(sample)
-                            continue
-                        j = rng.randrange(len(buffer))
-                        buffer[j], sample = sample, buffer[j]
-                        yield sample
+                samples = read_shard(load_shard(url, spec.options, spec.cache_dir), verify=info, level=spec.verify)
             except (DataError, OSError) as e:
                 if spec.on_error == "raise":
                     raise DataError(f"shard {url}: {e}") from None
                 errors[0] += 1
-                log.warning("skipping (the rest of) shard %s: %s", url, e)
+                log.warning("skipping shard %s: %s", url, e)
+                continue
+            for sample in samples:
+                if len(buffer) < spec.shuffle_buffer:
+                    buffer.append(sample)
+                    continue
+                j = rng.randrange(len(buffer))
+                buffer[j], sample = sample, buffer[j]
+                yield sample
         rng.shuffle(buffer)
         yield from buffer
 
-    def _decode(self, raw: dict, epoch: int) -> tuple[np.ndarray, int]:
-        latent, flip, label = decode_sample(raw)
-        rng = np.random.default_rng([self.spec.seed, epoch, _key_int(raw["__key__"])])
-        if self.spec.random_flip and rng.random() < 0.5:
-            if flip is not None:
-                latent = flip
-            elif self.manifest.info.latent_kind == "pixels":
-                latent = latent[..., ::-1]
-        latent = latent.astype(np.float32)
-        if self.manifest.info.latent_kind == "moments":
-            mean, std = np.split(latent, 2, axis=0)
-            latent = mean + std * rng.standard_normal(mean.shape, dtype=np.float32)
-        return latent, label
+    def _batch(self, raws: list[dict], generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        """Decode a batch: the flip variant picked per sample, then one draw from the moments."""
+        kind = self.manifest.info.latent_kind
+        flips = (torch.rand(len(raws), generator=generator) < 0.5).tolist()
+        if not self.spec.random_flip:
+            flips = [False] * len(raws)
+        arrays = []
+        for raw, flip in zip(raws, flips):
+            try:
+                if flip and "latent_flip.npy" in raw:
+                    array = npy_array(raw["latent_flip.npy"])
+                else:
+                    array = npy_array(raw["latent.npy"])
+                    if flip and kind == "pixels":
+                        array = array[..., ::-1]
+            except (KeyError, ValueError, SyntaxError) as e:
+                raise DataError(f"sample {raw.get('__key__')!r} is malformed: {e}") from None
+            arrays.append(array)
+        x = torch.from_numpy(np.stack(arrays)).float()
+        if kind == "moments":
+            mean, std = x.chunk(2, dim=1)
+            x = torch.addcmul(mean, std, torch.randn(mean.shape, generator=generator))
+        return x, torch.tensor([int(bytes(r["cls"])) for r in raws])
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, int]]:
         info = get_worker_info()
@@ -125,11 +132,11 @@ class ShardStream(IterableDataset):
         # A fresh DataLoader starts its round-robin at worker 0, but batch number start_batches
         # belongs to stream start_batches % workers: this process plays that stream.
         worker = (worker + self.start_batches) % workers
-        batch_size = self.spec.batch_size
-        delivered = max(0, -(-(self.start_batches - worker) // workers))  # batches k < start, k % W == w
-        start_epoch, skip = self._locate(delivered * batch_size, worker, workers)
+        spec, batch_size = self.spec, self.spec.batch_size
+        batch_index = max(0, -(-(self.start_batches - worker) // workers))  # batches k < start, k % W == w
+        start_epoch, skip = self._locate(batch_index * batch_size, worker, workers)
         errors = [0]
-        xs, ys = [], []
+        raws: list[dict] = []
         for epoch in count(start_epoch):
             produced = 0
             for raw in self._raw_epoch(epoch, worker, workers, errors):
@@ -137,14 +144,14 @@ class ShardStream(IterableDataset):
                 if skip:
                     skip -= 1
                     continue
-                x, y = self._decode(raw, epoch)
-                xs.append(x)
-                ys.append(y)
-                if len(xs) == batch_size:
-                    yield torch.from_numpy(np.stack(xs)), torch.tensor(ys), errors[0]
-                    xs, ys = [], []
+                raws.append(raw)
+                if len(raws) == batch_size:
+                    generator = torch.Generator().manual_seed(_mix(spec.seed, spec.rank, worker, batch_index))
+                    x, y = self._batch(raws, generator)
+                    yield x, y, errors[0]
+                    raws, batch_index = [], batch_index + 1
             if produced == 0:
-                raise DataError(f"worker {worker} of rank {self.spec.rank} read no sample in epoch {epoch}: "
+                raise DataError(f"worker {worker} of rank {spec.rank} read no sample in epoch {epoch}: "
                                 f"every one of its shards failed ({errors[0]} errors)")
 
 
