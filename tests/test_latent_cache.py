@@ -319,6 +319,19 @@ def test_s3_round_trip_encode_stream_train(s3_endpoint, image_folder, tiny_vae, 
     assert fit.step == 2 and np.isfinite(fit.final_loss)
 
 
+def test_s3_without_credentials_fails_at_start(s3_endpoint, image_folder, monkeypatch, tmp_path):
+    import s3fs
+
+    for key in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
+        monkeypatch.delenv(key, raising=False)
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "none"))
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "none"))
+    s3fs.S3FileSystem.clear_instance_cache()
+    with pytest.raises(DataError, match="cannot access 's3://dis-test/nocreds'.*Credentials"):
+        _encode("--input", str(image_folder), "--output", "s3://dis-test/nocreds", "--resolution", "32")
+    s3fs.S3FileSystem.clear_instance_cache()
+
+
 @pytest.mark.slow
 def test_webdataset_reads_s3_through_our_handler(s3_endpoint, vae_cache):
     require(_has("webdataset"), "webdataset")

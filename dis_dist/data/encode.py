@@ -155,7 +155,9 @@ def encode(args: argparse.Namespace) -> EncodeResult:
         latent_kind=encoder.latent_kind, class_names=source.class_names, has_flip=not args.no_flip,
         num_shards=num, encode=settings,
     )
-    with tqdm(desc=f"encode {rank}/{world}", unit="img", disable=args.no_progress, dynamic_ncols=True) as bar:
+    total = sum(source.sizes[i] for i in todo) if source.sizes else None
+    with tqdm(desc=f"encode {rank}/{world}", total=total, unit="img", disable=args.no_progress,
+              dynamic_ncols=True) as bar:
         for i in todo:
             generator = torch.Generator().manual_seed(args.seed * 1_000_003 + i)
             samples, skipped = _encode_unit(source.units[i](), args, encoder, preprocess, mode, generator, bar)

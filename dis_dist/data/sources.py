@@ -37,6 +37,7 @@ class Source:
     units: list[Callable[[], Iterator[Item]]]  # one per output shard
     preprocess: str  # "center-crop" (ADM/DiT) or "pad" (images already at size, padded)
     mode: str = "RGB"  # every image is converted to this PIL mode ("L" keeps one channel)
+    sizes: list[int] | None = None  # items per unit, when known without reading the input
 
 
 def center_crop(image: Image.Image, size: int) -> Image.Image:
@@ -73,6 +74,10 @@ def _chunks(items: list[Item], size: int) -> list[Callable[[], Iterator[Item]]]:
     return [lambda part=items[i : i + size]: iter(part) for i in range(0, len(items), size)]
 
 
+def _chunk_sizes(total: int, size: int) -> list[int]:
+    return [min(size, total - i) for i in range(0, total, size)]
+
+
 def image_folder(url: str, shard_size: int, seed: int, options: fs.StorageOptions | None = None) -> Source:
     """Class sub-folders (sorted: the class index), image files in them (ImageNet's layout).
     Items are shuffled with ``seed`` before sharding so that shards mix classes."""
@@ -91,7 +96,8 @@ def image_folder(url: str, shard_size: int, seed: int, options: fs.StorageOption
     random.Random(seed).shuffle(items)
     for index, item in enumerate(items):
         item.key = f"{index:09d}"
-    return Source("folder", classes, _chunks(items, shard_size), "center-crop")
+    return Source("folder", classes, _chunks(items, shard_size), "center-crop",
+                  sizes=_chunk_sizes(len(items), shard_size))
 
 
 def image_shards(url: str, num_classes: int | None, options: fs.StorageOptions | None = None) -> Source:
@@ -133,7 +139,8 @@ def fashion_mnist(url: str, split: str, shard_size: int) -> Source:
              load=lambda i=i: Image.fromarray(images[i], mode="L"))
         for i in range(len(labels))
     ]
-    return Source("fmnist", list(CLASS_NAMES), _chunks(items, shard_size), "pad", mode="L")
+    return Source("fmnist", list(CLASS_NAMES), _chunks(items, shard_size), "pad", mode="L",
+                  sizes=_chunk_sizes(len(items), shard_size))
 
 
 def is_fmnist(url: str, options: fs.StorageOptions | None = None) -> bool:
