@@ -8,6 +8,8 @@ STAMP := $(VENV)/.installed
 DEV_STAMP := $(VENV)/.installed-dev
 # Compiled kernels (torch.compile) are cached here, so only the first run pays for compiling.
 export TORCHINDUCTOR_CACHE_DIR ?= $(CURDIR)/.cache/inductor
+# DeepSpeed's JIT-built ops (about a minute to build once).
+export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/.cache/torch_extensions
 
 .PHONY: venv venv-dev demo test test-fast lint clean apt
 

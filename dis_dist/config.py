@@ -73,6 +73,7 @@ class TrainConfig:
     ema_warmup: bool = False  # decay = min(ema_decay, (1 + n) / (10 + n)) at update n
     seed: int = 0
     device: Literal["auto", "cpu", "cuda"] = "auto"
+    activation_checkpointing: int = 0  # recompute every k-th block's activations in backward; 0: off
 
 
 @dataclass
@@ -101,7 +102,13 @@ class LogConfig:
 
 @dataclass
 class DistConfig:
-    strategy: Literal["single"] = "single"
+    strategy: Literal["single", "ddp", "fsdp", "deepspeed"] = "single"
+    timeout_min: float = 30.0  # a collective that waits longer fails with an error instead of hanging
+    reshard_after_forward: bool = True  # fsdp: free gathered weights after forward (ZeRO-3-like); false: ZeRO-2-like
+    shard_group_size: int = 0  # fsdp: ranks sharing one copy of the model; 0: all (FSDP), k: HSDP (k = GPUs per node)
+    cpu_offload: bool = False  # fsdp: sharded parameters, gradients and optimiser states live in CPU memory
+    zero_stage: int = 2  # deepspeed: ZeRO stage 1, 2 or 3
+    deepspeed_config: str = ""  # deepspeed: JSON file merged into the generated config (configs/deepspeed/*.json)
 
 
 @dataclass
@@ -294,6 +301,25 @@ def validate(cfg: RunConfig, world_size: int = 1) -> None:
         raise ConfigError("data.source='shards' needs data.url, the directory of the cache")
     if cfg.data.num_workers < 0 or cfg.data.shuffle_buffer < 1:
         raise ConfigError("data.num_workers must be >= 0 and data.shuffle_buffer >= 1")
+    if cfg.train.activation_checkpointing < 0:
+        raise ConfigError(f"train.activation_checkpointing must be >= 0, got {cfg.train.activation_checkpointing}")
+    dist = cfg.dist
+    if dist.timeout_min <= 0:
+        raise ConfigError(f"dist.timeout_min must be positive, got {dist.timeout_min}")
+    if dist.zero_stage not in (1, 2, 3):
+        raise ConfigError(f"dist.zero_stage must be 1, 2 or 3, got {dist.zero_stage}")
+    if dist.shard_group_size < 0 or (dist.shard_group_size and world_size % dist.shard_group_size):
+        raise ConfigError(
+            f"dist.shard_group_size={dist.shard_group_size} must be 0 (shard over all ranks) or divide "
+            f"the world size {world_size}"
+        )
+    if dist.strategy == "single" and world_size > 1:
+        raise ConfigError(
+            f"dist.strategy='single' runs one process, but the job has {world_size} ranks; "
+            f"choose one of: ddp, fsdp, deepspeed"
+        )
+    if dist.deepspeed_config and not Path(dist.deepspeed_config).is_file():
+        raise ConfigError(f"dist.deepspeed_config: {dist.deepspeed_config!r} does not exist")
     per_step = cfg.train.micro_batch * world_size
     if cfg.train.global_batch % per_step:
         raise ConfigError(

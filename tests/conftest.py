@@ -32,7 +32,7 @@ def require(condition: bool, what: str) -> None:
     pytest.skip(f"missing infrastructure: {what}")
 
 
-@pytest.fixture
+@pytest.fixture(scope="session")
 def fmnist_root() -> Path:
     require(
         (FMNIST_ROOT / "train-images-idx3-ubyte.gz").is_file(),

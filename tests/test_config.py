@@ -85,10 +85,24 @@ def test_config_errors_name_the_key(overrides, pattern):
 
 
 def test_world_size_divisibility():
-    cfg = load_config(None, ["train.global_batch=32", "train.micro_batch=8"])
+    cfg = load_config(None, ["train.global_batch=32", "train.micro_batch=8", "dist.strategy=ddp"])
     validate(cfg, world_size=4)
     with pytest.raises(ConfigError, match="micro_batch x world size = 8 x 3"):
         validate(cfg, world_size=3)
+
+
+@pytest.mark.parametrize("overrides,world_size,message", [
+    (["dist.strategy=single"], 2, "choose one of: ddp, fsdp, deepspeed"),
+    (["dist.strategy=fsdp", "dist.shard_group_size=3"], 4, "dist.shard_group_size=3 must be 0"),
+    (["dist.strategy=deepspeed", "dist.zero_stage=4"], 1, "dist.zero_stage must be 1, 2 or 3"),
+    (["dist.deepspeed_config=/nope.json"], 1, "dist.deepspeed_config"),
+    (["dist.timeout_min=0"], 1, "dist.timeout_min must be positive"),
+    (["train.activation_checkpointing=-1"], 1, "train.activation_checkpointing must be >= 0"),
+    (["dist.strategy=horovod"], 1, "choose one of: single, ddp, fsdp, deepspeed"),
+])
+def test_distributed_settings_are_checked(overrides, world_size, message):
+    with pytest.raises(ConfigError, match=message):
+        validate(load_config(None, overrides), world_size=world_size)
 
 
 def test_missing_and_invalid_files(tmp_path):
@@ -108,3 +122,21 @@ def test_cli_reports_config_errors_before_any_work():
     assert result.returncode == 2
     assert "error: train.micro_batch must be positive" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_ranks_from_torchrun_and_slurm():
+    from dis_dist.dist.env import first_host, ranks_from_env
+
+    assert first_host("gpu[003-005,010],cpu1") == "gpu003"
+    assert first_host("node7") == "node7"
+    assert first_host("a[1,4]") == "a1"
+    assert ranks_from_env({}) is None
+    torchrun = ranks_from_env({"RANK": "3", "WORLD_SIZE": "8", "LOCAL_RANK": "1", "LOCAL_WORLD_SIZE": "4",
+                               "MASTER_ADDR": "n1", "MASTER_PORT": "1234"})
+    assert torchrun == {"RANK": "3", "WORLD_SIZE": "8", "LOCAL_RANK": "1", "LOCAL_WORLD_SIZE": "4",
+                        "MASTER_ADDR": "n1", "MASTER_PORT": "1234"}
+    slurm = ranks_from_env({"SLURM_PROCID": "5", "SLURM_NTASKS": "8", "SLURM_LOCALID": "1", "SLURM_NNODES": "2",
+                            "SLURM_JOB_NODELIST": "gpu[010-011]", "SLURM_JOB_ID": "4242"})
+    assert slurm == {"RANK": "5", "WORLD_SIZE": "8", "LOCAL_RANK": "1", "LOCAL_WORLD_SIZE": "4",
+                     "MASTER_ADDR": "gpu010", "MASTER_PORT": str(29500 + 242)}
+    assert ranks_from_env({"SLURM_PROCID": "0", "SLURM_NTASKS": "1"}) is None  # a lone task

@@ -181,3 +181,23 @@ def test_mixer_backward_branch_is_the_reversed_sequence():
     expected = branch(mixer.fwd, x, z) + branch(mixer.bwd, x.flip(-1), z.flip(-1)).flip(-1)
     expected = mixer.out_proj(expected.transpose(1, 2))
     assert torch.allclose(mixer(h), expected, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("every", [1, 2])
+def test_activation_checkpointing_gives_the_same_gradients(every):
+    """Recomputed blocks (with path dropout active: its randomness is replayed) give the same
+    output and gradients as stored activations."""
+    def grads(checkpoint_every):
+        torch.manual_seed(0)
+        model = build_model("DiS-T/4", input_size=16, in_channels=2, num_classes=3, drop_path_rate=0.5)
+        model.set_activation_checkpointing(checkpoint_every)
+        torch.manual_seed(1)
+        x, t, y = torch.randn(2, 2, 16, 16), torch.tensor([3.0, 700.0]), torch.tensor([0, 2])
+        out = model(x, t, y)
+        out.square().mean().backward()
+        return out.detach(), {n: p.grad for n, p in model.named_parameters()}
+
+    (out_a, grads_a), (out_b, grads_b) = grads(0), grads(every)
+    torch.testing.assert_close(out_b, out_a, rtol=0, atol=0)
+    for name in grads_a:
+        torch.testing.assert_close(grads_b[name], grads_a[name], rtol=1e-6, atol=1e-7, msg=name)

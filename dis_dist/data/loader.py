@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 import torch
@@ -10,12 +11,16 @@ from torch import Tensor
 from dis_dist.data.base import ImageDataset
 from dis_dist.errors import DataError
 
+log = logging.getLogger(__name__)
+
 
 class BatchLoader:
-    """Batches of ``batch_size`` from this rank's share of a fresh permutation each epoch.
+    """Batches of ``batch_size`` from a fresh permutation each epoch, dealt to the ranks in turn:
+    rank r's i-th batch is the permutation's (i * world_size + r)-th run of ``batch_size``.
 
-    Everything random is a pure function of (seed, epoch, batch index, rank), so the state is
-    just the position: a resumed run sees exactly the batches the uninterrupted run would.
+    Everything random is a pure function of (seed, epoch, batch index), so the state is just the
+    position, counted in samples: a resumed run sees exactly the batches the uninterrupted run
+    would, and the samples of each global step do not depend on how many ranks share it.
     """
 
     def __init__(
@@ -31,8 +36,7 @@ class BatchLoader:
         self.dataset, self.batch_size = dataset, batch_size
         self.seed, self.rank, self.world_size = seed, rank, world_size
         self.random_flip = random_flip
-        self.per_rank = len(dataset) // world_size
-        self.batches_per_epoch = self.per_rank // batch_size
+        self.batches_per_epoch = len(dataset) // (batch_size * world_size)
         if self.batches_per_epoch == 0:
             raise DataError(
                 f"the dataset has {len(dataset)} samples: fewer than one micro-batch of "
@@ -57,8 +61,7 @@ class BatchLoader:
 
     def _epoch_order(self) -> Tensor:
         if self._order is None:
-            perm = torch.randperm(len(self.dataset), generator=self._generator(self.epoch))
-            self._order = perm[self.rank : self.per_rank * self.world_size : self.world_size]
+            self._order = torch.randperm(len(self.dataset), generator=self._generator(self.epoch))
         return self._order
 
     def __iter__(self) -> BatchLoader:
@@ -67,19 +70,24 @@ class BatchLoader:
     def __next__(self) -> tuple[Tensor, Tensor]:
         if self.index >= self.batches_per_epoch:
             self.epoch, self.index, self._order = self.epoch + 1, 0, None
-        start = self.index * self.batch_size
-        indices = self._epoch_order()[start : start + self.batch_size]
+        chunk = self.index * self.world_size + self.rank
+        indices = self._epoch_order()[chunk * self.batch_size : (chunk + 1) * self.batch_size]
         x, y = self.dataset.batch(indices)
         if self.random_flip:
-            g = self._generator(self.epoch, self.index, self.rank, 1)
+            g = self._generator(self.epoch, chunk, 1)
             flip = torch.rand(len(indices), generator=g) < 0.5
             x = torch.where(flip[:, None, None, None], x.flip(-1), x)
         self.index += 1
         return x, y
 
     def state_dict(self) -> dict[str, Any]:
-        return {"epoch": self.epoch, "index": self.index, "seed": self.seed,
-                "world_size": self.world_size, "batch_size": self.batch_size}
+        return {"epoch": self.epoch, "samples": self.index * self.batch_size * self.world_size,
+                "seed": self.seed}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.epoch, self.index, self._order = int(state["epoch"]), int(state["index"]), None
+        per_batch = self.batch_size * self.world_size
+        if state["samples"] % per_batch or state.get("seed") != self.seed:
+            log.warning("resumed with another seed, or a position (%d samples into the epoch) that is "
+                        "not a whole number of micro-batch x ranks = %d: the sample order differs from "
+                        "the uninterrupted run's", state["samples"], per_batch)
+        self.epoch, self.index, self._order = int(state["epoch"]), int(state["samples"]) // per_batch, None

@@ -1,12 +1,27 @@
-"""Where this process runs: rank, world size and device."""
+"""Where this process runs: rank, world size and device; the process group of a training job.
+
+Ranks come from torchrun (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR/PORT) or, launched by
+``srun`` without torchrun, from SLURM (SLURM_PROCID, SLURM_NTASKS, SLURM_LOCALID, the first
+host of SLURM_JOB_NODELIST as master). NCCL on GPUs, gloo on CPUs.
+"""
 
 from __future__ import annotations
 
+import datetime
+import logging
+import os
+import re
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import torch
+import torch.distributed as dist
 
 from dis_dist.errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+DEFAULT_PORT = 29500
 
 
 @dataclass(frozen=True)
@@ -15,10 +30,20 @@ class DistEnv:
     world_size: int
     local_rank: int
     device: torch.device
+    local_world_size: int = 1
 
     @property
     def is_main(self) -> bool:
         return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        """A process group is up (even a group of one, as ``ddp``/``fsdp`` need)."""
+        return dist.is_available() and dist.is_initialized()
+
+    def barrier(self) -> None:
+        if self.distributed:
+            dist.barrier()
 
 
 def resolve_device(name: str, local_rank: int = 0) -> torch.device:
@@ -36,12 +61,84 @@ def single_process_env(device: str = "auto") -> DistEnv:
     return DistEnv(rank=0, world_size=1, local_rank=0, device=resolve_device(device))
 
 
-def worker_from_env(env: dict[str, str] | None = None) -> tuple[int, int]:
+def first_host(nodelist: str) -> str:
+    """The first host of a SLURM node list: "gpu[003-005,010],cpu1" -> "gpu003"."""
+    m = re.match(r"([^,\[]+)(?:\[([^\]]+)\])?", nodelist.strip())
+    if not m:
+        raise ConfigError(f"cannot read the SLURM node list {nodelist!r}")
+    prefix, ranges = m.group(1), m.group(2)
+    if not ranges:
+        return prefix
+    return prefix + re.split(r"[-,]", ranges)[0]
+
+
+def ranks_from_env(env: Mapping[str, str] | None = None) -> dict[str, str] | None:
+    """torchrun's variables, or their equivalents derived from SLURM's; None for a lone process."""
+    env = os.environ if env is None else env
+    if "RANK" in env and "WORLD_SIZE" in env:
+        return {
+            "RANK": env["RANK"], "WORLD_SIZE": env["WORLD_SIZE"],
+            "LOCAL_RANK": env.get("LOCAL_RANK", "0"),
+            "LOCAL_WORLD_SIZE": env.get("LOCAL_WORLD_SIZE", env["WORLD_SIZE"]),
+            "MASTER_ADDR": env.get("MASTER_ADDR", "127.0.0.1"),
+            "MASTER_PORT": env.get("MASTER_PORT", str(DEFAULT_PORT)),
+        }
+    if "SLURM_PROCID" in env and "SLURM_NTASKS" in env and int(env["SLURM_NTASKS"]) > 1:
+        nodes = int(env.get("SLURM_NNODES", "1"))
+        # A port per job, so two jobs sharing a node do not collide.
+        port = env.get("MASTER_PORT") or str(DEFAULT_PORT + int(env.get("SLURM_JOB_ID", "0")) % 1000)
+        return {
+            "RANK": env["SLURM_PROCID"], "WORLD_SIZE": env["SLURM_NTASKS"],
+            "LOCAL_RANK": env.get("SLURM_LOCALID", "0"),
+            "LOCAL_WORLD_SIZE": str(int(env["SLURM_NTASKS"]) // max(1, nodes)),
+            "MASTER_ADDR": env.get("MASTER_ADDR") or first_host(env.get("SLURM_JOB_NODELIST", "127.0.0.1")),
+            "MASTER_PORT": port,
+        }
+    return None
+
+
+def init_distributed(strategy: str, device: str = "auto", timeout_min: float = 30.0) -> DistEnv:
+    """Start the process group this job needs and return where this process runs.
+
+    ``single`` in a lone process needs no group; every other strategy gets one, even of size one.
+    """
+    ranks = ranks_from_env()
+    if ranks is None and strategy == "single":
+        return single_process_env(device)
+    ranks = ranks or {"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "LOCAL_WORLD_SIZE": "1",
+                      "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": os.environ.get("MASTER_PORT", "0")}
+    os.environ.update(ranks)  # what DeepSpeed and torch's env:// rendezvous read
+    rank, world, local = int(ranks["RANK"]), int(ranks["WORLD_SIZE"]), int(ranks["LOCAL_RANK"])
+    where = resolve_device(device, local)
+    if not dist.is_initialized():
+        if where.type == "cuda":
+            torch.cuda.set_device(where)
+        backend = "nccl" if where.type == "cuda" else "gloo"
+        if ranks["MASTER_PORT"] == "0":  # a group of one: any free port
+            init = f"tcp://127.0.0.1:{_free_port()}"
+        else:
+            init = "env://"
+        dist.init_process_group(
+            backend, init_method=init, rank=rank, world_size=world,
+            timeout=datetime.timedelta(minutes=timeout_min),
+            device_id=where if where.type == "cuda" else None,
+        )
+        log.info("process group: rank %d of %d (local %d), %s on %s", rank, world, local, backend, where)
+    return DistEnv(rank, world, local, where, int(ranks["LOCAL_WORLD_SIZE"]))
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def worker_from_env(env: Mapping[str, str] | None = None) -> tuple[int, int]:
     """(rank, world size) of an independent worker (an encode job, say) from torchrun's
     RANK/WORLD_SIZE, a SLURM array (SLURM_ARRAY_TASK_ID/COUNT/MIN) or SLURM tasks
     (SLURM_PROCID/SLURM_NTASKS); (0, 1) otherwise."""
-    import os
-
     env = os.environ if env is None else env
     if "RANK" in env and "WORLD_SIZE" in env:
         return int(env["RANK"]), int(env["WORLD_SIZE"])

@@ -1,6 +1,7 @@
-"""The Strategy interface: it wraps (model, optimizer) and owns what depends on how the model
-is distributed: placement, backward, the optimiser step (clipping included), the EMA, state
-dicts and checkpoint I/O. The trainer calls only this interface.
+"""The Strategy interface: it wraps (model, optimizer, schedule) and owns what depends on how
+the model is distributed: placement, gradient accumulation and synchronisation, the optimiser
+step (clipping included), the EMA, full state dicts and checkpoint I/O. The trainer calls only
+this interface; ``build_strategy`` picks the implementation named by ``dist.strategy``.
 """
 
 from __future__ import annotations
@@ -8,7 +9,8 @@ from __future__ import annotations
 import copy
 import math
 from abc import ABC, abstractmethod
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,9 +19,9 @@ from torch import Tensor, nn
 
 from dis_dist.config import RunConfig
 from dis_dist.dist.env import DistEnv
-from dis_dist.train.ema import ema_update
 
 OptimizerFactory = Callable[[list[dict]], torch.optim.Optimizer]
+SchedulerFactory = Callable[[torch.optim.Optimizer], torch.optim.lr_scheduler.LRScheduler]
 
 
 @dataclass
@@ -28,111 +30,138 @@ class StepResult:
     skipped: bool  # the gradient was not finite; the optimiser step was not taken
 
 
-def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
-    """Weight decay on matrices only: not on biases, norms, A_log/D, embeddings' positions."""
-    decay, no_decay = [], []
-    for name, p in model.named_parameters():
-        if not p.requires_grad:
-            continue
-        if p.ndim < 2 or getattr(p, "_no_weight_decay", False) or name.endswith("pos_embed"):
-            no_decay.append(p)
-        else:
-            decay.append(p)
+def no_decay_names(model: nn.Module) -> set[str]:
+    """Parameters without weight decay: biases, norms, A_log/D, the positional embedding.
+    Read before a strategy wraps the model: sharding replaces the parameter objects (and the
+    ``_no_weight_decay`` marks on them), not their names."""
+    return {
+        name for name, p in model.named_parameters()
+        if p.ndim < 2 or getattr(p, "_no_weight_decay", False) or name.endswith("pos_embed")
+    }
+
+
+def param_groups(model: nn.Module, weight_decay: float, no_decay: set[str]) -> list[dict]:
+    """Two AdamW groups: with ``weight_decay``, and without it for the names in ``no_decay``."""
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     return [
-        {"params": decay, "weight_decay": weight_decay},
-        {"params": no_decay, "weight_decay": 0.0},
+        {"params": [p for n, p in named if n not in no_decay], "weight_decay": weight_decay},
+        {"params": [p for n, p in named if n in no_decay], "weight_decay": 0.0},
     ]
 
 
+def meta_copy(model: nn.Module) -> nn.Module:
+    """A copy of ``model``'s structure on the meta device: no memory for its weights."""
+    memo: dict[int, object] = {id(b): torch.empty_like(b, device="meta") for b in model.buffers()}
+    for p in model.parameters():
+        memo[id(p)] = nn.Parameter(torch.empty_like(p, device="meta"), requires_grad=p.requires_grad)
+    return copy.deepcopy(model, memo)
+
+
 class Strategy(ABC):
-    """One way of running (model, optimizer) over the ranks of a job."""
+    """One way of running (model, optimizer) over the ranks of a job.
+
+    Per optimiser step the trainer runs ``accum`` micro-batches, each as
+    ``with micro_batch(last): loss = loss_fn(model); backward(loss)``, then ``step()`` and
+    ``update_ema()``. Methods marked collective must be called on every rank.
+    """
 
     name: str
     model: nn.Module  # call for the forward pass
     optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
 
-    def __init__(self, env: DistEnv, cfg: RunConfig) -> None:
-        self.env, self.cfg = env, cfg
+    def __init__(self, env: DistEnv, cfg: RunConfig, accum: int, model: nn.Module) -> None:
+        self.env, self.cfg, self.accum = env, cfg, accum
+        self._no_decay = no_decay_names(model)
+        self._template = meta_copy(model)  # the structure, to rebuild full modules from state dicts
 
-    @abstractmethod
+    def micro_batch(self, last: bool) -> AbstractContextManager:
+        """Around one micro-batch's forward and backward; ``last``: the gradient is synchronised
+        after this one (earlier micro-batches of the step only accumulate locally)."""
+        return nullcontext()
+
     def backward(self, loss: Tensor) -> None:
-        """Accumulate gradients of ``loss`` (already divided by the accumulation steps)."""
+        """Accumulate the gradients of one micro-batch's mean loss (scaled for accumulation here)."""
+        (loss / self.accum).backward()
 
     @abstractmethod
     def step(self) -> StepResult:
-        """Clip, take the optimiser step unless the gradient is not finite, zero the gradients."""
+        """Clip, take the optimiser step unless the gradient is not finite, advance the
+        learning-rate schedule, zero the gradients."""
 
     @abstractmethod
     def update_ema(self, decay: float) -> None:
-        """ema <- decay * ema + (1 - decay) * weights."""
+        """ema <- decay * ema + (1 - decay) * weights, on whatever this rank holds."""
 
     @abstractmethod
-    def ema_model(self) -> nn.Module:
-        """A module holding the EMA weights, callable like ``model`` (eval mode)."""
+    def full_state_dict(self, ema: bool = True) -> dict[str, Tensor] | None:
+        """Collective. The whole EMA (or raw) weights as fp32 CPU tensors on rank 0; None elsewhere."""
+
+    def ema_model(self) -> nn.Module | None:
+        """Collective. A module with the whole EMA weights on rank 0, in eval mode; None elsewhere."""
+        state = self.full_state_dict(ema=True)
+        if state is None:
+            return None
+        module = copy.deepcopy(self._template).to_empty(device=self.env.device)
+        module.load_state_dict(state)
+        return module.eval().requires_grad_(False)
 
     @abstractmethod
     def save(self, directory: Path) -> None:
-        """Write model, EMA and optimiser state into ``directory`` (called on every rank)."""
+        """Collective. Write weights, EMA and optimiser state into ``directory``."""
 
     @abstractmethod
     def load(self, directory: Path) -> None:
-        """Restore what :meth:`save` wrote."""
+        """Collective. Restore what :meth:`save` wrote."""
 
+    @abstractmethod
+    def local_numel(self) -> dict[str, int]:
+        """Elements this rank stores of the parameters, the optimiser states and the EMA."""
 
-class SingleDeviceStrategy(Strategy):
-    """The whole model on one device (CPU or one GPU)."""
-
-    name = "single"
-
-    def __init__(
-        self, env: DistEnv, cfg: RunConfig, model: nn.Module, make_optimizer: OptimizerFactory
-    ) -> None:
-        super().__init__(env, cfg)
-        self.model = model.to(env.device)
-        self._ema = copy.deepcopy(self.model).eval().requires_grad_(False)
-        self.optimizer = make_optimizer(param_groups(self.model, cfg.optim.weight_decay))
-
-    def backward(self, loss: Tensor) -> None:
-        loss.backward()
-
-    def step(self) -> StepResult:
-        params = [p for p in self.model.parameters() if p.grad is not None]
+    # -- shared by the strategies whose optimiser the trainer's torch optimizer is --------------
+    def _clip_and_step(self, params: Iterable[Tensor]) -> StepResult:
         clip = self.cfg.optim.grad_clip
-        norm = torch.nn.utils.clip_grad_norm_(params, clip if clip > 0 else math.inf)
+        norm = torch.nn.utils.clip_grad_norm_(list(params), clip if clip > 0 else math.inf)
+        if hasattr(norm, "full_tensor"):  # a DTensor (FSDP)
+            norm = norm.full_tensor()
         norm_value = float(norm)
         skipped = not math.isfinite(norm_value)
         if not skipped:
             self.optimizer.step()
+        self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         return StepResult(norm_value, skipped)
 
-    def update_ema(self, decay: float) -> None:
-        ema_update(self._ema, self.model, decay)
 
-    def ema_model(self) -> nn.Module:
-        return self._ema
+def optimizer_numel(optimizer: torch.optim.Optimizer) -> int:
+    """Elements of the tensors in a torch optimiser's state (local shards for DTensors)."""
+    total = 0
+    for state in optimizer.state.values():
+        for value in state.values():
+            if isinstance(value, Tensor) and value.numel() > 1:
+                total += local_tensor(value).numel()
+    return total
 
-    def save(self, directory: Path) -> None:
-        torch.save(
-            {
-                "model": self.model.state_dict(),
-                "ema": self._ema.state_dict(),
-                "optimizer": self.optimizer.state_dict(),
-            },
-            directory / "model.pt",
-        )
 
-    def load(self, directory: Path) -> None:
-        state = torch.load(directory / "model.pt", map_location=self.env.device, weights_only=True)
-        self.model.load_state_dict(state["model"])
-        self._ema.load_state_dict(state["ema"])
-        self.optimizer.load_state_dict(state["optimizer"])
+def local_tensor(t: Tensor) -> Tensor:
+    """This rank's shard of a DTensor; the tensor itself otherwise."""
+    return t.to_local() if hasattr(t, "to_local") else t
 
 
 def build_strategy(
-    env: DistEnv, cfg: RunConfig, model: nn.Module, make_optimizer: OptimizerFactory
+    env: DistEnv, cfg: RunConfig, model: nn.Module, accum: int,
+    make_optimizer: OptimizerFactory, make_scheduler: SchedulerFactory,
 ) -> Strategy:
     """The strategy named by ``dist.strategy``."""
-    if cfg.dist.strategy == "single":
-        return SingleDeviceStrategy(env, cfg, model, make_optimizer)
-    raise AssertionError(f"unhandled dist.strategy {cfg.dist.strategy!r}")  # config lists choices
+    name = cfg.dist.strategy
+    if name == "single":
+        from dis_dist.dist.single import SingleDeviceStrategy as cls
+    elif name == "ddp":
+        from dis_dist.dist.ddp import DDPStrategy as cls
+    elif name == "fsdp":
+        from dis_dist.dist.fsdp import FSDPStrategy as cls
+    elif name == "deepspeed":
+        from dis_dist.dist.zero import DeepSpeedStrategy as cls
+    else:
+        raise AssertionError(f"unhandled dist.strategy {name!r}")  # config lists the choices
+    return cls(env, cfg, model, accum, make_optimizer, make_scheduler)

@@ -13,6 +13,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
+import torch.utils.checkpoint
 from torch import Tensor, nn
 
 from dis_dist.errors import ConfigError
@@ -120,7 +121,13 @@ class DiS(nn.Module):
         self.norm_f = nn.RMSNorm(width, eps=norm_eps)
         self.final_drop_path = DropPath(drop_path_rate)
         self.final_layer = FinalLayer(width, patch_size, self.out_channels, num_classes > 0)
+        self.checkpoint_every = 0
         self.initialize_weights()
+
+    def set_activation_checkpointing(self, every: int) -> None:
+        """Recompute the activations of every ``every``-th block (in execution order, starting
+        with the first) in the backward pass instead of keeping them; 0 turns it off."""
+        self.checkpoint_every = every
 
     @torch.no_grad()
     def initialize_weights(self) -> None:
@@ -145,6 +152,11 @@ class DiS(nn.Module):
         """All blocks in execution order (the units of sharding and activation checkpointing)."""
         return [*self.in_blocks, self.mid_block, *self.out_blocks]
 
+    def _run(self, index: int, block: DiSBlock, *args: Tensor | None) -> tuple[Tensor, Tensor]:
+        if self.checkpoint_every and index % self.checkpoint_every == 0 and torch.is_grad_enabled():
+            return torch.utils.checkpoint.checkpoint(block, *args, use_reentrant=False)
+        return block(*args)
+
     def unpatchify(self, x: Tensor) -> Tensor:
         """(b, h*w, p*p*C) -> (b, C, h*p, w*p), raster order of patches."""
         p, c = self.patch_size, self.out_channels
@@ -165,12 +177,13 @@ class DiS(nn.Module):
         hidden = torch.cat(prefix + [tokens.to(time_token.dtype)], dim=1) + self.pos_embed
 
         residual, skips = None, []
-        for block in self.in_blocks:
-            hidden, residual = block(hidden, residual)
+        for i, block in enumerate(self.in_blocks):
+            hidden, residual = self._run(i, block, hidden, residual)
             skips.append(hidden)
-        hidden, residual = self.mid_block(hidden, residual)
-        for block in self.out_blocks:
-            hidden, residual = block(hidden, residual, skips.pop())
+        half = len(self.in_blocks)
+        hidden, residual = self._run(half, self.mid_block, hidden, residual)
+        for i, block in enumerate(self.out_blocks, start=half + 1):
+            hidden, residual = self._run(i, block, hidden, residual, skips.pop())
         hidden = self.norm_f(residual + self.final_drop_path(hidden))
         out = self.final_layer(hidden, cond)[:, self.num_prefix :]
         return self.unpatchify(out)

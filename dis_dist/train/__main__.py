@@ -36,10 +36,18 @@ def main(argv: list[str] | None = None) -> int:
         cfg = load_config(args.config, args.overrides)
         from dis_dist.train.trainer import Trainer  # after config errors, which need no torch work
 
-        result = Trainer(cfg).fit(resume=args.resume)
+        trainer = Trainer(cfg)
+        result = trainer.fit(resume=args.resume)
     except DisDistError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    finally:
+        import torch.distributed as dist
+
+        if dist.is_initialized():
+            dist.destroy_process_group()
+    if not trainer.env.is_main:
+        return 0
     print(
         f"trained {result.step} steps, final loss {result.final_loss:.4f}, in {result.wall_time_s / 60:.1f} min\n"
         f"run directory: {cfg.run_dir}  (watch: tensorboard --logdir {Path(cfg.run_dir).parent})"

@@ -49,19 +49,28 @@ class CheckpointManager:
         done = self.complete()
         return done[-1][1] if done else None
 
-    def save(self, step: int, write: Callable[[Path], None]) -> Path:
-        """Run ``write(tmp_dir)``, then mark complete, rename into place and prune."""
-        self.root.mkdir(parents=True, exist_ok=True)
+    def save(
+        self, step: int, write: Callable[[Path], None], *, is_main: bool = True,
+        barrier: Callable[[], None] = lambda: None,
+    ) -> Path:
+        """Run ``write(tmp_dir)`` (on every rank of a job, into one shared directory), then mark
+        it complete, rename it into place and prune (rank 0, once every rank has written)."""
         final = self.path_for(step)
         tmp = self.root / f".tmp_{final.name}"
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir()
+        if is_main:
+            self.root.mkdir(parents=True, exist_ok=True)
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir()
+        barrier()
         write(tmp)
-        (tmp / MARKER).write_text(json.dumps({"step": step, "time": time.time()}))
-        if final.exists():
-            shutil.rmtree(final)
-        tmp.rename(final)
-        self.prune()
+        barrier()
+        if is_main:
+            (tmp / MARKER).write_text(json.dumps({"step": step, "time": time.time()}))
+            if final.exists():
+                shutil.rmtree(final)
+            tmp.rename(final)
+            self.prune()
+        barrier()
         return final
 
     def prune(self) -> None:

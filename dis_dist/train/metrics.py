@@ -20,6 +20,27 @@ def peak_memory_gb(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
 
 
+# Dense peak FLOP/s per GPU (bf16, and TF32 for fp32 training), from the vendors' datasheets.
+PEAK_FLOPS = {
+    "H200": (989e12, 494e12),
+    "H100": (989e12, 494e12),
+    "A100": (312e12, 156e12),
+    "L40S": (362e12, 183e12),
+    "A10G": (70e12, 35e12),
+}
+
+
+def peak_flops(device: torch.device, precision: str) -> float | None:
+    """The device's peak FLOP/s for MFU; None on CPUs and GPUs not in PEAK_FLOPS."""
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    for key, (bf16, tf32) in PEAK_FLOPS.items():
+        if key in name:
+            return bf16 if precision == "bf16" else tf32
+    return None
+
+
 def format_duration(seconds: float) -> str:
     seconds = max(0, int(seconds))
     h, rem = divmod(seconds, 3600)

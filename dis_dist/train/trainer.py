@@ -3,6 +3,7 @@ grids and checkpoints. It never knows which strategy runs the model."""
 
 from __future__ import annotations
 
+import json
 import logging
 import random
 import time
@@ -11,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.distributed as dist
 import yaml
 
 from dis_dist.config import RunConfig, grad_accumulation, save_config, to_dict, validate
@@ -18,20 +20,28 @@ from dis_dist.data import build_loader
 from dis_dist.data.encoders import display_decoder
 from dis_dist.diffusion import create_diffusion
 from dis_dist.diffusion.sampling import sample
-from dis_dist.dist.env import DistEnv, single_process_env
+from dis_dist.dist.env import DistEnv, init_distributed
 from dis_dist.dist.strategy import build_strategy
 from dis_dist.errors import CheckpointError
 from dis_dist.models import build_model
+from dis_dist.models.flops import model_flops
 from dis_dist.train.checkpoint import CheckpointManager, resolve_resume
 from dis_dist.train.ema import ema_decay_at
 from dis_dist.train.lr import lr_factor
-from dis_dist.train.metrics import RunLogger, format_duration, peak_memory_gb
+from dis_dist.train.metrics import RunLogger, format_duration, peak_flops, peak_memory_gb
 from dis_dist.utils.images import make_grid, save_png, to_uint8
 
 log = logging.getLogger("dis_dist.train")
 
 # Model config keys that change the parameters: a checkpoint only resumes a run that agrees.
 ARCHITECTURE_KEYS = ("name", "conditional", "learn_sigma")
+
+
+def _mix(*parts: int) -> int:
+    seed = 0
+    for part in parts:
+        seed = (seed * 1_000_003 + part) % (2**63 - 1)
+    return seed
 
 
 def seed_everything(seed: int) -> None:
@@ -68,7 +78,7 @@ class Trainer:
     """Builds data, model, diffusion and strategy from a config; ``fit`` runs to ``train.steps``."""
 
     def __init__(self, cfg: RunConfig, env: DistEnv | None = None) -> None:
-        self.env = env or single_process_env(cfg.train.device)
+        self.env = env or init_distributed(cfg.dist.strategy, cfg.train.device, cfg.dist.timeout_min)
         validate(cfg, self.env.world_size)
         self.cfg = cfg
         self.run_dir = Path(cfg.run_dir)
@@ -80,17 +90,22 @@ class Trainer:
         )
         self.num_classes = self.loader.num_classes if cfg.model.conditional else 0
         seed_everything(cfg.train.seed)  # the same initial weights on every rank
+        # What build_model needs to rebuild this model anywhere (saved with every checkpoint).
+        self.model_spec = {
+            "name": cfg.model.name, "input_size": self.loader.image_size,
+            "in_channels": self.loader.channels, "num_classes": self.num_classes,
+            "learn_sigma": cfg.model.learn_sigma,
+        }
         model = build_model(
-            cfg.model.name,
-            input_size=self.loader.image_size,
-            in_channels=self.loader.channels,
-            num_classes=self.num_classes,
-            learn_sigma=cfg.model.learn_sigma,
+            **self.model_spec,
             class_dropout_prob=cfg.model.class_dropout_prob,
             drop_path_rate=cfg.model.drop_path_rate,
             scan_backend=cfg.model.scan_backend,
         )
+        model.set_activation_checkpointing(cfg.train.activation_checkpointing)
         self.num_params = sum(p.numel() for p in model.parameters())
+        # Training FLOPs per image (forward + backward = 3x forward), for MFU.
+        self.flops_per_image = 3 * model_flops(**self.model_spec).total
         seed_everything(cfg.train.seed + self.env.rank)  # per-rank noise, timesteps, dropout
         diff = cfg.diffusion
         self.diffusion = create_diffusion(
@@ -105,14 +120,17 @@ class Trainer:
         def make_optimizer(groups: list[dict]) -> torch.optim.Optimizer:
             return torch.optim.AdamW(groups, lr=opt.lr, betas=tuple(opt.betas), eps=opt.eps)
 
-        self.strategy = build_strategy(self.env, cfg, model, make_optimizer)
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
-            self.strategy.optimizer,
-            lambda step: lr_factor(
-                step, warmup=opt.warmup_steps, total=cfg.train.steps, schedule=opt.schedule,
-                min_ratio=opt.min_lr / opt.lr,
-            ),
-        )
+        def make_scheduler(optimizer: torch.optim.Optimizer) -> torch.optim.lr_scheduler.LRScheduler:
+            return torch.optim.lr_scheduler.LambdaLR(
+                optimizer,
+                lambda step: lr_factor(
+                    step, warmup=opt.warmup_steps, total=cfg.train.steps, schedule=opt.schedule,
+                    min_ratio=opt.min_lr / opt.lr,
+                ),
+            )
+
+        self.strategy = build_strategy(self.env, cfg, model, self.accum, make_optimizer, make_scheduler)
+        self.scheduler = self.strategy.scheduler
         self._decode = None  # latents -> images for sample grids, built on first use
         self.checkpoints = CheckpointManager(self.run_dir / "checkpoints", cfg.checkpoint.keep_last)
         self.step = 0
@@ -135,12 +153,17 @@ class Trainer:
                         "last_loss": self.last_loss,
                         "scheduler": self.scheduler.state_dict(),
                         "loader": self.loader.state_dict(),
+                        "world_size": self.env.world_size,
                     },
                     directory / "trainer.pt",
                 )
                 save_config(self.cfg, directory / "config.yaml")
+                model_info = {**self.model_spec, "strategy": self.strategy.name, "vae": self.loader.vae,
+                              "scaling_factor": self.loader.scaling_factor,
+                              "class_names": list(self.loader.class_names)}
+                (directory / "model.json").write_text(json.dumps(model_info, indent=2))
 
-        path = self.checkpoints.save(self.step, write)
+        path = self.checkpoints.save(self.step, write, is_main=self.env.is_main, barrier=self.env.barrier)
         log.info("saved checkpoint %s", path)
         return path
 
@@ -161,12 +184,25 @@ class Trainer:
         self.last_loss = state["last_loss"]
         self.scheduler.load_state_dict(state["scheduler"])
         self.loader.load_state_dict(state["loader"])
-        set_rng_state(torch.load(path / f"rng_rank{self.env.rank}.pt", weights_only=False))
+        rng_file = path / f"rng_rank{self.env.rank}.pt"
+        if rng_file.is_file():
+            set_rng_state(torch.load(rng_file, weights_only=False))
+        else:  # resumed on more ranks than were saved
+            log.warning("%s has no RNG state for rank %d: it is seeded afresh", path, self.env.rank)
+            seed_everything(_mix(self.cfg.train.seed, self.env.rank, self.step))
+        if state.get("world_size", 1) != self.env.world_size:
+            log.warning("checkpoint written by %d rank(s), resumed on %d: model-internal randomness "
+                        "(label and path dropout) differs from an uninterrupted run from here on",
+                        state.get("world_size", 1), self.env.world_size)
         log.info("resumed from %s at step %d", path, self.step)
 
     # -- samples ----------------------------------------------------------------------------
-    def sample_grid(self) -> np.ndarray:
-        """EMA samples from fixed noise and labels (one row per class), as a uint8 grid."""
+    def sample_grid(self) -> np.ndarray | None:
+        """Collective. EMA samples from fixed noise and labels (one row per class), as a uint8
+        grid on rank 0 (None elsewhere)."""
+        ema = self.strategy.ema_model()
+        if ema is None:
+            return None
         sc = self.cfg.sample
         gen = torch.Generator().manual_seed(sc.seed)
         c, s = self.loader.channels, self.loader.image_size
@@ -179,7 +215,7 @@ class Trainer:
             ncol = per_class
         with torch.autocast(self.env.device.type, torch.bfloat16, enabled=self.cfg.train.precision == "bf16"):
             images = sample(
-                self.strategy.ema_model(), self.sample_diffusion, noise, labels=labels,
+                ema, self.sample_diffusion, noise, labels=labels,
                 null_class=self.num_classes, sampler=sc.sampler, ddim_eta=sc.ddim_eta,
                 cfg_scale=sc.cfg_scale, cfg_channels=sc.cfg_channels,
                 clip_denoised=sc.clip_denoised, generator=gen,
@@ -189,55 +225,81 @@ class Trainer:
         return make_grid(to_uint8(self._decode(images)), ncol=ncol)
 
     # -- the loop ---------------------------------------------------------------------------
+    def _resolve_resume(self, resume: str) -> Path | None:
+        """Rank 0 picks the checkpoint; every rank resumes from that one."""
+        choice = [resolve_resume(resume, self.checkpoints) if self.env.is_main else None]
+        if self.env.distributed:
+            dist.broadcast_object_list(choice, src=0)
+        return choice[0]
+
+    def _noise(self, x: torch.Tensor, micro: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Timesteps and noise of one micro-batch, drawn from its place in the global batch: a
+        run computes the same thing whatever its number of ranks (for the same micro-batch)."""
+        chunk = (self.step * self.accum + micro) * self.env.world_size + self.env.rank
+        gen = torch.Generator(self.env.device).manual_seed(_mix(self.cfg.train.seed, chunk))
+        t = torch.randint(0, self.diffusion.num_timesteps, (x.shape[0],), device=x.device, generator=gen)
+        return t, torch.randn(x.shape, device=x.device, generator=gen)
+
+    def _gather_stats(self, values: torch.Tensor) -> torch.Tensor:
+        """(world, k) of every rank's ``values`` (k,), on rank 0 and everywhere."""
+        if not self.env.distributed:
+            return values[None]
+        out = [torch.empty_like(values) for _ in range(self.env.world_size)]
+        dist.all_gather(out, values)
+        return torch.stack(out)
+
     def fit(self, resume: str = "auto", stop_at_step: int | None = None) -> FitResult:
         """Train from the checkpoint ``resume`` picks up to ``train.steps``; with ``stop_at_step``,
         stop there (saving a checkpoint) as a preempted run would."""
         cfg, env = self.cfg, self.env
         end_step = min(cfg.train.steps, stop_at_step or cfg.train.steps)
         start = time.perf_counter()
-        ckpt = resolve_resume(resume, self.checkpoints)
+        ckpt = self._resolve_resume(resume)
         if ckpt is not None:
             self.load_checkpoint(ckpt)
-        elif resume == "none" and self.checkpoints.complete():
+        elif resume == "none" and env.is_main and self.checkpoints.complete():
             log.warning("--resume none: existing checkpoints in %s will be overwritten", self.checkpoints.root)
         if env.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             save_config(cfg, self.run_dir / "config.yaml")
         logger = RunLogger(self.run_dir, env.is_main, cfg.train.steps)
         logger.text("config", "```yaml\n" + yaml.safe_dump(to_dict(cfg), sort_keys=False) + "```", self.step)
-        log.info(
-            "model %s: %.2fM parameters | %d steps, global batch %d = micro %d x %d rank(s) x %d accumulation | %s",
-            cfg.model.name, self.num_params / 1e6, cfg.train.steps, cfg.train.global_batch,
-            cfg.train.micro_batch, env.world_size, self.accum, env.device,
-        )
+        if env.is_main:
+            log.info(
+                "model %s: %.2fM parameters | %d steps, global batch %d = micro %d x %d rank(s) x %d "
+                "accumulation | %s on %s",
+                cfg.model.name, self.num_params / 1e6, cfg.train.steps, cfg.train.global_batch,
+                cfg.train.micro_batch, env.world_size, self.accum, self.strategy.name, env.device,
+            )
         model = self.strategy.model
         model.train()
         autocast = torch.autocast(env.device.type, torch.bfloat16, enabled=cfg.train.precision == "bf16")
+        device_peak = peak_flops(env.device, cfg.train.precision)
         # Loss sums stay on the device between logs: no host sync per step. Throughput is
-        # measured over the whole window between logs (whose .tolist() syncs a GPU), minus the
+        # measured over the whole window between logs (whose gather syncs a GPU), minus the
         # time spent on sample grids and checkpoints.
         loss_sums = torch.zeros(3, device=env.device)
         window = {"n": 0, "data": 0.0, "other": 0.0, "start": time.perf_counter()}
         saved_at = self.step if ckpt is not None else -1
-        sampled_at = -1
+        sampled_at, grid = -1, None
         while self.step < end_step:
-            for _ in range(self.accum):
+            for micro in range(self.accum):
                 t_data = time.perf_counter()
                 x, y = next(self.loader)
                 x, y = x.to(env.device, non_blocking=True), y.to(env.device, non_blocking=True)
                 window["data"] += time.perf_counter() - t_data
-                t = torch.randint(0, self.diffusion.num_timesteps, (x.shape[0],), device=env.device)
+                t, noise = self._noise(x, micro)
                 kwargs = {"y": y} if self.num_classes else {}
-                with autocast:
-                    terms = self.diffusion.training_losses(model, x, t, kwargs)
-                loss = terms["loss"].mean()
-                self.strategy.backward(loss / self.accum)
+                with self.strategy.micro_batch(last=micro == self.accum - 1):
+                    with autocast:
+                        terms = self.diffusion.training_losses(model, x, t, kwargs, noise=noise)
+                    loss = terms["loss"].mean()
+                    self.strategy.backward(loss)
                 loss_sums += torch.stack([
                     loss.detach(), terms["mse"].detach().mean(),
                     terms["vb"].detach().mean() if "vb" in terms else loss.new_zeros(()),
-                ]) / self.accum
+                ]).float() / self.accum
             result = self.strategy.step()
-            self.scheduler.step()
             self.strategy.update_ema(ema_decay_at(cfg.train.ema_decay, self.ema_updates, cfg.train.ema_warmup))
             self.ema_updates += 1
             self.skipped_steps += int(result.skipped)
@@ -246,11 +308,14 @@ class Trainer:
             window["n"] += 1
             if self.step % cfg.log.every == 0 or self.step == end_step:
                 n = window["n"]
-                self.last_loss, mse, vb = (loss_sums / n).tolist()
+                mem = torch.tensor([peak_memory_gb(env.device)], device=env.device)
+                stats = self._gather_stats(torch.cat([loss_sums / n, mem]))
+                self.last_loss, mse, vb = stats[:, :3].mean(0).tolist()
+                memory = stats[:, 3].tolist()
                 loss_sums.zero_()
                 elapsed = time.perf_counter() - window["start"] - window["other"]
                 self.images_per_sec = images_per_sec = n * cfg.train.global_batch / elapsed
-                logger.scalars(self.step, {
+                scalars = {
                     "train/loss": self.last_loss,
                     "train/loss_mse": mse,
                     "train/loss_vb": vb,
@@ -262,16 +327,20 @@ class Trainer:
                     "perf/images_per_sec_per_device": images_per_sec / env.world_size,
                     "perf/step_time_s": elapsed / n,
                     "perf/data_wait_s": window["data"] / n,
-                    "perf/peak_memory_gb": peak_memory_gb(env.device),
-                })
+                    "perf/peak_memory_gb": max(memory),
+                    **{f"memory/peak_gb_rank{r}": m for r, m in enumerate(memory)},
+                }
+                if device_peak:
+                    scalars["perf/mfu"] = images_per_sec * self.flops_per_image / (device_peak * env.world_size)
+                logger.scalars(self.step, scalars)
                 logger.progress(self.step, self.last_loss, images_per_sec)
                 window = {"n": 0, "data": 0.0, "other": 0.0, "start": time.perf_counter()}
             t_other = time.perf_counter()
-            if cfg.sample.every and self.step % cfg.sample.every == 0 and env.is_main:
-                grid = self.sample_grid()
-                sampled_at = self.step
-                logger.image("samples/ema", self.step, grid)
-                logger.flush()
+            if cfg.sample.every and self.step % cfg.sample.every == 0:
+                grid, sampled_at = self.sample_grid(), self.step
+                if grid is not None:
+                    logger.image("samples/ema", self.step, grid)
+                    logger.flush()
             if cfg.checkpoint.every and self.step % cfg.checkpoint.every == 0:
                 self.save_checkpoint()
                 saved_at = self.step
@@ -279,13 +348,16 @@ class Trainer:
         if saved_at != self.step:
             self.save_checkpoint()
         samples_png = None
-        if env.is_main and self.step == cfg.train.steps:
+        if self.step == cfg.train.steps:
             if sampled_at != self.step:
                 grid = self.sample_grid()
-                logger.image("samples/ema", self.step, grid)
-            samples_png = self.run_dir / "samples.png"
-            save_png(grid, samples_png, scale=2)
+                if grid is not None:
+                    logger.image("samples/ema", self.step, grid)
+            if grid is not None:
+                samples_png = self.run_dir / "samples.png"
+                save_png(grid, samples_png, scale=2)
         logger.close()
         wall = time.perf_counter() - start
-        log.info("done: step %d, loss %.4f, %s", self.step, self.last_loss, format_duration(wall))
+        if env.is_main:
+            log.info("done: step %d, loss %.4f, %s", self.step, self.last_loss, format_duration(wall))
         return FitResult(self.step, self.last_loss, wall, samples_png, self.images_per_sec)

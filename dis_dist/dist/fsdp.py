@@ -1,0 +1,135 @@
+"""FSDP2 (``fully_shard``): each DiS block, then the root, sharded over the ranks (or, with
+``dist.shard_group_size``, over groups of ranks replicated across the others: HSDP).
+
+The EMA is a list of DTensors sharded exactly like the parameters and updated shard by shard,
+with no communication. Checkpoints go through ``torch.distributed.checkpoint`` (each rank
+writes its shards; loading reshards, so a run may resume at another world size).
+"""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from contextlib import AbstractContextManager, contextmanager
+from pathlib import Path
+
+import torch
+import torch.distributed.checkpoint as dcp
+from torch import Tensor, nn
+from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
+from torch.distributed.fsdp import CPUOffloadPolicy, FSDPModule, MixedPrecisionPolicy, OffloadPolicy, fully_shard
+
+from dis_dist.config import RunConfig
+from dis_dist.dist.env import DistEnv
+from dis_dist.dist.strategy import (
+    OptimizerFactory,
+    SchedulerFactory,
+    StepResult,
+    Strategy,
+    local_tensor,
+    optimizer_numel,
+    param_groups,
+)
+
+log = logging.getLogger(__name__)
+
+DCP_DIR = "dcp"
+# Every Linear on a 3-D input returns a view; FSDP2 warns in case it is modified in place,
+# which DiS never does.
+warnings.filterwarnings("ignore", message=r"FSDP2-wrapped module .* returned a view tensor")
+
+
+def device_mesh(env: DistEnv, shard_group_size: int) -> DeviceMesh:
+    """1-D over all ranks (FSDP), or (replicas, shard group) for HSDP."""
+    kind = env.device.type
+    if shard_group_size in (0, env.world_size):
+        return init_device_mesh(kind, (env.world_size,), mesh_dim_names=("shard",))
+    return init_device_mesh(
+        kind, (env.world_size // shard_group_size, shard_group_size), mesh_dim_names=("replicate", "shard")
+    )
+
+
+class FSDPStrategy(Strategy):
+    name = "fsdp"
+
+    def __init__(
+        self, env: DistEnv, cfg: RunConfig, model: nn.Module, accum: int,
+        make_optimizer: OptimizerFactory, make_scheduler: SchedulerFactory,
+    ) -> None:
+        super().__init__(env, cfg, accum, model)
+        dc = cfg.dist
+        self.mesh = device_mesh(env, dc.shard_group_size)
+        bf16 = cfg.train.precision == "bf16"
+        offload = CPUOffloadPolicy() if dc.cpu_offload else OffloadPolicy()
+        if not dc.cpu_offload:
+            model = model.to(env.device)
+
+        def policy(cast_inputs: bool) -> MixedPrecisionPolicy:
+            if not bf16:
+                return MixedPrecisionPolicy()
+            return MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32,
+                                        cast_forward_inputs=cast_inputs)
+
+        shard = dict(mesh=self.mesh, reshard_after_forward=dc.reshard_after_forward, offload_policy=offload)
+        for block in model.blocks():
+            fully_shard(block, mp_policy=policy(True), **shard)
+        # The root keeps its inputs as they come: timesteps up to 999 must not be rounded to
+        # bf16 before the sinusoidal embedding (autocast handles the layers' compute dtype).
+        fully_shard(model, mp_policy=policy(False), **shard)
+        self.model: FSDPModule = model  # type: ignore[assignment]
+        self._names = [n for n, _ in model.named_parameters()]
+        self._ema = [p.detach().clone() for p in model.parameters()]  # DTensors, sharded alike
+        self.optimizer = make_optimizer(param_groups(model, cfg.optim.weight_decay, self._no_decay))
+        self.scheduler = make_scheduler(self.optimizer)
+
+    @contextmanager
+    def _gradient_sync(self, enabled: bool):  # noqa: ANN202
+        self.model.set_requires_gradient_sync(enabled)
+        try:
+            yield
+        finally:
+            self.model.set_requires_gradient_sync(True)
+
+    def micro_batch(self, last: bool) -> AbstractContextManager:
+        return self._gradient_sync(last)
+
+    def step(self) -> StepResult:
+        return self._clip_and_step(p for p in self.model.parameters() if p.grad is not None)
+
+    @torch.no_grad()
+    def update_ema(self, decay: float) -> None:
+        ema = [local_tensor(e) for e in self._ema]
+        params = [local_tensor(p.detach()) for p in self.model.parameters()]
+        torch._foreach_lerp_(ema, params, 1.0 - decay)
+
+    def _ema_state(self) -> dict[str, Tensor]:
+        return dict(zip(self._names, self._ema))
+
+    def full_state_dict(self, ema: bool = True) -> dict[str, Tensor] | None:
+        source = self._ema if ema else [p.detach() for p in self.model.parameters()]
+        full = {}
+        for name, tensor in zip(self._names, source):
+            whole = tensor.full_tensor() if hasattr(tensor, "full_tensor") else tensor
+            if self.env.is_main:
+                full[name] = whole.float().cpu()
+        return full if self.env.is_main else None
+
+    def save(self, directory: Path) -> None:
+        model_state, optim_state = get_state_dict(self.model, self.optimizer)
+        dcp.save({"model": model_state, "optim": optim_state, "ema": self._ema_state()},
+                 checkpoint_id=directory / DCP_DIR)
+
+    def load(self, directory: Path) -> None:
+        model_state, optim_state = get_state_dict(self.model, self.optimizer)
+        state = {"model": model_state, "optim": optim_state, "ema": self._ema_state()}
+        dcp.load(state, checkpoint_id=directory / DCP_DIR)  # in place, resharded to this mesh
+        set_state_dict(self.model, self.optimizer, model_state_dict=state["model"],
+                       optim_state_dict=state["optim"])
+
+    def local_numel(self) -> dict[str, int]:
+        return {
+            "params": sum(local_tensor(p).numel() for p in self.model.parameters()),
+            "optimizer": optimizer_numel(self.optimizer),
+            "ema": sum(local_tensor(e).numel() for e in self._ema),
+        }

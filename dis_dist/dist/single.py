@@ -1,0 +1,81 @@
+"""The whole model on one device (CPU or one GPU), in one process."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+from dis_dist.config import RunConfig
+from dis_dist.dist.env import DistEnv
+from dis_dist.dist.strategy import (
+    OptimizerFactory,
+    SchedulerFactory,
+    StepResult,
+    Strategy,
+    optimizer_numel,
+    param_groups,
+)
+from dis_dist.train.ema import ema_update
+
+
+class SingleDeviceStrategy(Strategy):
+    """Weights, EMA and optimiser whole on this rank; checkpoints are one ``model.pt``.
+
+    The ``ddp`` strategy extends it: with gradients averaged over ranks, every rank holds the
+    same state, and rank 0 alone writes it.
+    """
+
+    name = "single"
+
+    def __init__(
+        self, env: DistEnv, cfg: RunConfig, model: nn.Module, accum: int,
+        make_optimizer: OptimizerFactory, make_scheduler: SchedulerFactory,
+    ) -> None:
+        super().__init__(env, cfg, accum, model)
+        self.module = model.to(env.device)
+        self.model = self.module
+        self._ema = copy.deepcopy(self.module).eval().requires_grad_(False)
+        self.optimizer = make_optimizer(param_groups(self.module, cfg.optim.weight_decay, self._no_decay))
+        self.scheduler = make_scheduler(self.optimizer)
+
+    def step(self) -> StepResult:
+        return self._clip_and_step(p for p in self.module.parameters() if p.grad is not None)
+
+    def update_ema(self, decay: float) -> None:
+        ema_update(self._ema, self.module, decay)
+
+    def full_state_dict(self, ema: bool = True) -> dict[str, Tensor] | None:
+        if not self.env.is_main:
+            return None
+        source = self._ema if ema else self.module
+        return {k: v.detach().float().cpu() for k, v in source.state_dict().items()}
+
+    def ema_model(self) -> nn.Module | None:
+        return self._ema if self.env.is_main else None
+
+    def save(self, directory: Path) -> None:
+        if self.env.is_main:
+            torch.save(
+                {
+                    "model": self.module.state_dict(),
+                    "ema": self._ema.state_dict(),
+                    "optimizer": self.optimizer.state_dict(),
+                },
+                directory / "model.pt",
+            )
+
+    def load(self, directory: Path) -> None:
+        state = torch.load(directory / "model.pt", map_location=self.env.device, weights_only=True)
+        self.module.load_state_dict(state["model"])
+        self._ema.load_state_dict(state["ema"])
+        self.optimizer.load_state_dict(state["optimizer"])
+
+    def local_numel(self) -> dict[str, int]:
+        return {
+            "params": sum(p.numel() for p in self.module.parameters()),
+            "optimizer": optimizer_numel(self.optimizer),
+            "ema": sum(p.numel() for p in self._ema.parameters()),
+        }

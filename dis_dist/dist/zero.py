@@ -1,0 +1,205 @@
+"""DeepSpeed ZeRO stage 1, 2 or 3 (``dist.zero_stage``), with a JSON passthrough file for the
+engine settings this project does not own (``dist.deepspeed_config``).
+
+The engine owns gradient accumulation, clipping, the optimiser step and the learning-rate
+schedule (the trainer's AdamW and schedule are handed to ``deepspeed.initialize``). The EMA is
+kept per rank from the fp32 master weights this rank owns: a fragment per parameter, with its
+offset in the flattened parameter, updated with no communication and saved beside the engine's
+checkpoint as ``ema_rank<r>.pt``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+
+from dis_dist.config import RunConfig
+from dis_dist.dist.env import DistEnv
+from dis_dist.dist.strategy import (
+    OptimizerFactory,
+    SchedulerFactory,
+    StepResult,
+    Strategy,
+    optimizer_numel,
+    param_groups,
+)
+from dis_dist.errors import BackendError, CheckpointError, ConfigError
+
+log = logging.getLogger(__name__)
+
+TAG = "deepspeed"  # the engine's checkpoint sub-directory
+# Keys of the generated DeepSpeed config that come from the run config; a passthrough file
+# setting them would train differently from what the run config says.
+OWNED = {
+    "train_batch_size": "train.global_batch",
+    "train_micro_batch_size_per_gpu": "train.micro_batch",
+    "gradient_accumulation_steps": "train.global_batch / (train.micro_batch x ranks)",
+    "gradient_clipping": "optim.grad_clip",
+    "optimizer": "optim.*",
+    "scheduler": "optim.* (warm-up and schedule)",
+    "bf16": "train.precision",
+    "fp16": "train.precision",
+}
+
+
+def deepspeed_config(cfg: RunConfig, accum: int) -> dict[str, Any]:
+    """The engine's config: what the run config says, merged with the passthrough file."""
+    ds: dict[str, Any] = {
+        "train_batch_size": cfg.train.global_batch,
+        "train_micro_batch_size_per_gpu": cfg.train.micro_batch,
+        "gradient_accumulation_steps": accum,
+        "gradient_clipping": cfg.optim.grad_clip,
+        # memory_efficient_linear would replace torch.nn.functional.linear for the whole process
+        # (DeepSpeed never restores it): every later model in the process would compute differently.
+        "zero_optimization": {"stage": cfg.dist.zero_stage, "memory_efficient_linear": False},
+        "bf16": {"enabled": cfg.train.precision == "bf16"},
+        "zero_allow_untested_optimizer": True,  # the trainer's torch AdamW
+        "steps_per_print": 2**31 - 1,  # the trainer logs
+    }
+    path = cfg.dist.deepspeed_config
+    if not path:
+        return ds
+    try:
+        extra = json.loads(Path(path).read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise ConfigError(f"dist.deepspeed_config: cannot read {path!r}: {e}") from None
+    for key, owner in OWNED.items():
+        if key in extra:
+            raise ConfigError(f"dist.deepspeed_config {path!r} sets {key!r}, which comes from {owner}: remove it")
+    stage = extra.get("zero_optimization", {}).get("stage")
+    if stage is not None and stage != cfg.dist.zero_stage:
+        raise ConfigError(
+            f"dist.deepspeed_config {path!r} sets zero_optimization.stage={stage}, but "
+            f"dist.zero_stage={cfg.dist.zero_stage}: set the stage in one place, dist.zero_stage"
+        )
+    for key, value in extra.items():
+        if isinstance(value, dict) and isinstance(ds.get(key), dict):
+            ds[key] = {**ds[key], **value}
+        else:
+            ds[key] = value
+    return ds
+
+
+def import_deepspeed(device: torch.device):  # noqa: ANN201
+    """DeepSpeed, configured for this device kind (it picks its accelerator at import)."""
+    if device.type == "cpu":
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    try:
+        import deepspeed
+    except ImportError as e:
+        raise BackendError(
+            f"dist.strategy='deepspeed' needs DeepSpeed: pip install deepspeed (import failed: {e})"
+        ) from None
+    return deepspeed
+
+
+class DeepSpeedStrategy(Strategy):
+    name = "deepspeed"
+
+    def __init__(
+        self, env: DistEnv, cfg: RunConfig, model: nn.Module, accum: int,
+        make_optimizer: OptimizerFactory, make_scheduler: SchedulerFactory,
+    ) -> None:
+        super().__init__(env, cfg, accum, model)
+        deepspeed = import_deepspeed(env.device)
+        deepspeed.init_distributed(dist_backend="nccl" if env.device.type == "cuda" else "gloo")
+        self.stage = cfg.dist.zero_stage
+        self._names = [n for n, _ in model.named_parameters()]
+        self._shapes = {n: tuple(p.shape) for n, p in model.named_parameters()}
+        optimizer = make_optimizer(param_groups(model, cfg.optim.weight_decay, self._no_decay))
+        self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
+            model=model.to(env.device), optimizer=optimizer, lr_scheduler=make_scheduler,
+            config=deepspeed_config(cfg, accum),
+        )
+        self.model = self.engine
+        self._params = [p for _, p in self.engine.module.named_parameters()]
+        self._ema = {name: (start, frag.detach().clone().float())
+                     for name, (start, frag) in self._fragments().items()}
+
+    def _fragments(self) -> dict[str, tuple[int, Tensor]]:
+        """name -> (offset in the flattened parameter, this rank's fp32 master fragment)."""
+        from deepspeed.utils import safe_get_local_fp32_param
+
+        out = {}
+        for name, p in zip(self._names, self._params):
+            if hasattr(p, "ds_id"):  # ZeRO-3: a contiguous partition per rank, the last padded
+                frag = safe_get_local_fp32_param(p)
+                out[name] = (frag.numel() * self.env.rank, frag)
+            elif getattr(p, "_hp_mapping", None) is not None:  # ZeRO-1/2: a slice, if any
+                out[name] = (p._hp_mapping.lp_fragment_address.start, p._hp_mapping.get_hp_fragment())
+        return out
+
+    def backward(self, loss: Tensor) -> None:
+        self.engine.backward(loss)  # the engine divides by the accumulation steps
+        if not self.engine.is_gradient_accumulation_boundary():
+            self.engine.step()  # counts the micro-batch; the optimiser steps on the boundary
+
+    def step(self) -> StepResult:
+        self.engine.step()
+        norm = self.engine.get_global_grad_norm()
+        norm_value = float(norm) if norm is not None else math.nan
+        # Outside fp16 the engine steps whatever the norm: a non-finite one is only reported.
+        return StepResult(norm_value, not math.isfinite(norm_value))
+
+    @torch.no_grad()
+    def update_ema(self, decay: float) -> None:
+        current = self._fragments()
+        ema = [self._ema[name][1] for name in current]
+        torch._foreach_lerp_(ema, [frag.float() for _, frag in current.values()], 1.0 - decay)
+
+    def full_state_dict(self, ema: bool = True) -> dict[str, Tensor] | None:
+        fragments = self._ema if ema else self._fragments()
+        full = {}
+        for name in self._names:
+            shape = self._shapes[name]
+            whole = torch.zeros(math.prod(shape), device=self.env.device)
+            if name in fragments:
+                start, frag = fragments[name]
+                n = max(0, min(frag.numel(), whole.numel() - start))  # ZeRO-3 pads the last partition
+                whole[start : start + n] = frag[:n].to(whole.device)
+            dist.reduce(whole, dst=0)  # fragments of different ranks do not overlap
+            if self.env.is_main:
+                full[name] = whole.view(shape).cpu()
+        return full if self.env.is_main else None
+
+    def save(self, directory: Path) -> None:
+        self.engine.save_checkpoint(str(directory), tag=TAG, save_latest=False)
+        torch.save(
+            {"world_size": self.env.world_size, "stage": self.stage, "shapes": self._shapes,
+             "fragments": {n: (s, t.cpu()) for n, (s, t) in self._ema.items()}},
+            directory / f"ema_rank{self.env.rank}.pt",
+        )
+
+    def load(self, directory: Path) -> None:
+        path = directory / f"ema_rank{self.env.rank}.pt"
+        saved = torch.load(path, weights_only=True) if path.is_file() else None
+        if saved is None or saved["world_size"] != self.env.world_size or saved["stage"] != self.stage:
+            raise CheckpointError(
+                f"{str(directory)!r} was written by DeepSpeed ZeRO with another world size or stage "
+                f"(found {path.name}: {saved and (saved['world_size'], saved['stage'])}); resume it with "
+                f"the same number of ranks and dist.zero_stage, or export it (tools/export_checkpoint.py)"
+            )
+        load_path, _ = self.engine.load_checkpoint(
+            str(directory), tag=TAG, load_optimizer_states=True, load_lr_scheduler_states=True
+        )
+        if load_path is None:
+            raise CheckpointError(f"DeepSpeed found no checkpoint in {str(directory / TAG)!r}")
+        for name, (_, tensor) in saved["fragments"].items():
+            self._ema[name][1].copy_(tensor)
+
+    def local_numel(self) -> dict[str, int]:
+        params = sum(p.ds_tensor.numel() if hasattr(p, "ds_tensor") else p.numel() for p in self._params)
+        master = sum(frag.numel() for _, frag in self._fragments().values())
+        return {
+            "params": params,
+            "optimizer": master + optimizer_numel(self.optimizer.optimizer),
+            "ema": sum(t.numel() for _, t in self._ema.values()),
+        }

@@ -1,0 +1,199 @@
+"""Distributed strategies on CPU with gloo: ``torchrun --nproc_per_node=2`` started from pytest.
+
+One 2-rank launch trains every scenario (tests/dist_run.py); the tests compare what it wrote
+with single-process training on the same global batch in the same sample order (the data,
+timesteps and noise of a global step do not depend on the number of ranks), with itself after
+a stop and resume, and with a 1-rank resume of its FSDP checkpoint.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from dis_dist.config import load_config
+from dis_dist.models import build_model
+from dis_dist.train.checkpoint import CheckpointManager
+from dis_dist.train.export import export_checkpoint, load_exported
+from dis_dist.train.trainer import Trainer
+
+from .conftest import require
+
+ROOT = Path(__file__).resolve().parents[1]
+STEPS = 6
+STRATEGIES = {
+    "ddp": ["dist.strategy=ddp"],
+    "fsdp": ["dist.strategy=fsdp"],
+    "fsdp_zero2": ["dist.strategy=fsdp", "dist.reshard_after_forward=false"],
+    "zero1": ["dist.strategy=deepspeed", "dist.zero_stage=1"],
+    "zero2": ["dist.strategy=deepspeed", "dist.zero_stage=2"],
+    "zero3": ["dist.strategy=deepspeed", "dist.zero_stage=3"],
+}
+# Variants compared with their base strategy rather than with single-process training.
+VARIANTS = {
+    "fsdp_ckpt": STRATEGIES["fsdp"] + ["train.activation_checkpointing=1"],
+    "hsdp": STRATEGIES["fsdp"] + ["dist.shard_group_size=1"],
+}
+BF16 = {
+    "fsdp_bf16": STRATEGIES["fsdp"] + ["train.precision=bf16"],
+    "zero2_bf16": STRATEGIES["zero2"] + ["train.precision=bf16"],
+}
+
+pytestmark = pytest.mark.slow
+
+
+def overrides(run_dir: Path, fmnist_root: Path, *extra: str) -> list[str]:
+    # No label or path dropout: their draws are per-rank randomness, the rest is per-sample.
+    return [
+        f"run_dir={run_dir}", f"data.root={fmnist_root}", "model.name=DiS-T/8",
+        "model.class_dropout_prob=0", "model.drop_path_rate=0",
+        f"train.steps={STEPS}", "train.global_batch=8", "train.micro_batch=4", "train.ema_decay=0.8",
+        "optim.lr=1e-3", "optim.warmup_steps=2", "optim.schedule=cosine", "optim.weight_decay=0.01",
+        "optim.grad_clip=0.5", "sample.every=0", "sample.num=4", "sample.steps=2",
+        "checkpoint.every=3", "log.every=2", *extra,
+    ]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def torchrun(tmp: Path, scenarios: list[dict], nproc: int) -> None:
+    spec = tmp / f"spec_{nproc}.json"
+    spec.write_text(json.dumps(scenarios))
+    env = {
+        **os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu",
+        "TORCH_EXTENSIONS_DIR": os.environ.get("TORCH_EXTENSIONS_DIR", str(ROOT / ".cache" / "torch_extensions")),
+    }
+    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
+           f"--master_port={_free_port()}", str(ROOT / "tests" / "dist_run.py"), str(spec)]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=1200)
+    assert proc.returncode == 0, f"torchrun failed:\n{proc.stdout[-5000:]}\n{proc.stderr[-10000:]}"
+
+
+def rel_error(a: dict, b: dict) -> float:
+    assert a.keys() == b.keys()
+    num = sum(float((a[k] - b[k]).detach().double().pow(2).sum()) for k in a)
+    den = sum(float(b[k].detach().double().pow(2).sum()) for k in a)
+    return (num / den) ** 0.5
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory: pytest.TempPathFactory, fmnist_root: Path) -> dict:
+    """Every scenario's output: 2-rank runs (straight and stopped/resumed), single-process
+    references, and 1-rank runs of the memory baselines and the FSDP resume at world size 1."""
+    require(importlib.util.find_spec("deepspeed") is not None, "DeepSpeed (pip install deepspeed)")
+    tmp = tmp_path_factory.mktemp("dist")
+    two = []
+    for name, extra in {**STRATEGIES, **VARIANTS, **BF16}.items():
+        two.append({"overrides": overrides(tmp / name, fmnist_root, *extra), "out": str(tmp / f"{name}.pt")})
+    for name in STRATEGIES:
+        two.append({"overrides": overrides(tmp / f"{name}_resumed", fmnist_root, *STRATEGIES[name]),
+                    "stop_at": STEPS // 2, "out": str(tmp / f"{name}_resumed.pt")})
+    torchrun(tmp, two, nproc=2)
+
+    # A copy of the 2-rank FSDP run, resumed by one rank: it loads step 6 and trains no further.
+    shutil.copytree(tmp / "fsdp", tmp / "fsdp_world1")
+    one = [
+        {"overrides": overrides(tmp / name, fmnist_root, *STRATEGIES[base]), "out": str(tmp / f"{name}.pt")}
+        for name, base in [("fsdp_world1", "fsdp"), ("zero3_world1", "zero3")]
+    ]
+    torchrun(tmp, one, nproc=1)
+
+    out = {p.stem: torch.load(p, weights_only=False) for p in tmp.glob("*.pt")}
+    single = Trainer(load_config(None, overrides(tmp / "single", fmnist_root)))
+    result = single.fit()
+    out["single"] = {
+        "model": single.strategy.full_state_dict(ema=False), "ema": single.strategy.full_state_dict(ema=True),
+        "loss": result.final_loss, "numel": [single.strategy.local_numel()], "step": result.step,
+    }
+    out["dirs"] = tmp
+    return out
+
+
+@pytest.mark.parametrize("strategy", list(STRATEGIES))
+def test_strategy_matches_single_process(runs: dict, strategy: str) -> None:
+    got, ref = runs[strategy], runs["single"]
+    assert got["step"] == ref["step"] == STEPS
+    model_err, ema_err = rel_error(got["model"], ref["model"]), rel_error(got["ema"], ref["ema"])
+    print(f"{strategy}: relative error vs single process: weights {model_err:.2e}, EMA {ema_err:.2e}")
+    assert model_err <= 1e-5 and ema_err <= 1e-5
+    assert abs(got["loss"] - ref["loss"]) <= 1e-5 * abs(ref["loss"])
+    # Training moved the weights: the comparison is not between two initialisations.
+    init = build_model("DiS-T/8", input_size=32, in_channels=1, num_classes=10)
+    assert rel_error(got["model"], {k: v for k, v in init.state_dict().items()}) > 1e-3
+
+
+@pytest.mark.parametrize("strategy", list(STRATEGIES))
+def test_resume_matches_uninterrupted(runs: dict, strategy: str) -> None:
+    straight, resumed = runs[strategy], runs[f"{strategy}_resumed"]
+    for key in ("model", "ema"):
+        for name, value in straight[key].items():
+            torch.testing.assert_close(resumed[key][name], value, rtol=0, atol=0, msg=f"{strategy} {key} {name}")
+    assert resumed["loss"] == straight["loss"]
+
+
+@pytest.mark.parametrize("variant,base", [("fsdp_ckpt", "fsdp"), ("hsdp", "fsdp")])
+def test_variants_match_their_base(runs: dict, variant: str, base: str) -> None:
+    """Activation checkpointing recomputes the same values; HSDP computes what FSDP does."""
+    assert rel_error(runs[variant]["model"], runs[base]["model"]) <= 1e-6
+    assert rel_error(runs[variant]["ema"], runs[base]["ema"]) <= 1e-6
+
+
+@pytest.mark.parametrize("name", list(BF16))
+def test_bf16_trains_without_nan(runs: dict, name: str) -> None:
+    got = runs[name]
+    assert torch.isfinite(torch.tensor(got["loss"]))
+    assert all(torch.isfinite(v).all() for v in got["model"].values())
+    assert rel_error(got["model"], runs["single"]["model"]) < 0.05  # bf16 compute, same training
+
+
+@pytest.mark.parametrize("strategy,baseline", [("fsdp", "single"), ("zero3", "zero3_world1")])
+def test_sharded_storage_halves_per_rank(runs: dict, strategy: str, baseline: str) -> None:
+    """Parameters + optimiser states + EMA stored per rank with 2 ranks: about half of 1 rank's."""
+    one = sum(runs[baseline]["numel"][0].values())
+    for rank_numel in runs[strategy]["numel"]:
+        print(f"{strategy} rank storage {rank_numel} vs {baseline} {runs[baseline]['numel'][0]}")
+        assert 0.49 <= sum(rank_numel.values()) / one <= 0.52
+
+
+def test_ddp_and_zero1_replicate_parameters(runs: dict) -> None:
+    single = runs["single"]["numel"][0]
+    assert [n["params"] for n in runs["ddp"]["numel"]] == [single["params"]] * 2
+    assert all(n["params"] == single["params"] for n in runs["zero1"]["numel"])
+    assert all(n["ema"] < single["ema"] for n in runs["zero1"]["numel"])  # the EMA is sharded anyway
+
+
+def test_fsdp_checkpoint_resumes_at_another_world_size(runs: dict) -> None:
+    two, one = runs["fsdp"], runs["fsdp_world1"]
+    for key in ("model", "ema"):
+        for name, value in two[key].items():
+            assert torch.equal(one[key][name], value), f"{key} {name}"
+
+
+@pytest.mark.parametrize("strategy", ["single", "ddp", "fsdp", "zero2", "zero3"])
+def test_export_loads_anywhere_and_matches_ema(runs: dict, strategy: str, tmp_path: Path) -> None:
+    ckpt = CheckpointManager(runs["dirs"] / strategy / "checkpoints", 3).latest()
+    weights = export_checkpoint(ckpt, tmp_path / "export")
+    assert weights.name == "model.safetensors"
+    config = json.loads((tmp_path / "export" / "config.json").read_text())
+    assert config["name"] == "DiS-T/8" and config["weights"] == "ema"
+    model = load_exported(tmp_path / "export")
+    reference = build_model("DiS-T/8", input_size=32, in_channels=1, num_classes=10).eval()
+    reference.load_state_dict(runs[strategy]["ema"])
+    x, t, y = torch.randn(3, 1, 32, 32), torch.tensor([1.0, 500.0, 999.0]), torch.tensor([0, 3, 10])
+    with torch.no_grad():
+        torch.testing.assert_close(model(x, t, y), reference(x, t, y), rtol=0, atol=0)
+    raw = load_exported(export_checkpoint(ckpt, tmp_path / "raw", ema=False).parent)
+    torch.testing.assert_close(raw.state_dict(), runs[strategy]["model"], rtol=0, atol=0)
