@@ -22,6 +22,7 @@ import torch
 
 from dis_dist.config import load_config
 from dis_dist.models import build_model
+from dis_dist.plan import estimate
 from dis_dist.train.checkpoint import CheckpointManager
 from dis_dist.train.export import export_checkpoint, load_exported
 from dis_dist.train.trainer import Trainer
@@ -166,6 +167,17 @@ def test_sharded_storage_halves_per_rank(runs: dict, strategy: str, baseline: st
     for rank_numel in runs[strategy]["numel"]:
         print(f"{strategy} rank storage {rank_numel} vs {baseline} {runs[baseline]['numel'][0]}")
         assert 0.49 <= sum(rank_numel.values()) / one <= 0.52
+
+
+@pytest.mark.parametrize("strategy,setting", [("fsdp", "fsdp"), ("zero3", "zero3"), ("zero2", "zero2"), ("ddp", "ddp")])
+def test_planner_model_states_match_measured(runs: dict, strategy: str, setting: str) -> None:
+    """The planner's weights + optimiser + EMA bytes per rank (fp32 run) equal what the ranks stored."""
+    est = {e.setting.name: e for e in estimate("DiS-T/8", latent=32, channels=1, num_classes=10, gpus=2,
+                                               precision="fp32")}[setting]
+    for rank_numel in runs[strategy]["numel"]:
+        measured = 4 * sum(rank_numel.values())
+        print(f"{strategy}: planner {est.weights + est.optimizer + est.ema:.0f} B, measured {measured} B")
+        assert est.weights + est.optimizer + est.ema == pytest.approx(measured, rel=0.01)
 
 
 def test_ddp_and_zero1_replicate_parameters(runs: dict) -> None:

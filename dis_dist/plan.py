@@ -1,0 +1,245 @@
+"""Memory planner: per-GPU memory of a DiS run for every strategy, and a recommended setting.
+
+    python -m dis_dist.plan --model DiS-H/2 --resolution 256 --gpus 64 --gpu-mem 80 --global-batch 1024
+
+Model states, per parameter (P parameters, S ranks sharing one copy of the model):
+
+    strategy          weights        gradients   optimiser (master + Adam m, v)   EMA (fp32)
+    ddp               4              4           8                                4
+    fsdp / hsdp       4/S            4/S         8/S                              4/S
+    zero1 (bf16)      2              2           (4 + 8)/S                        4/S
+    zero2 (bf16)      2              2/S         (4 + 8)/S                        4/S
+    zero3 (bf16)      2/S            2/S         (4 + 8)/S                        4/S
+
+FSDP keeps fp32 sharded weights (they are the master copy) and gathers bf16 copies block by
+block: two blocks at a time (one prefetched), and with ``reshard_after_forward=false`` the whole
+model from forward to backward. DeepSpeed keeps bf16 weights beside fp32 master partitions; in
+fp32 runs its "bf16" columns are 4 bytes. HSDP shards over the GPUs of a node (S = GPUs per node).
+
+Activations per sample are ``ACT_BYTES * tokens * width`` per block, a coefficient measured from
+this implementation's autograd graph (tests/test_plan.py re-measures it on small models); with
+activation checkpointing each block keeps only ``ACT_CKPT_BYTES * tokens * width`` and one block
+is recomputed at a time. A fixed reserve covers the CUDA context, communication buffers and
+allocator fragmentation.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from dis_dist.errors import ConfigError, DisDistError
+from dis_dist.models.dis import parse_model_name
+from dis_dist.models.flops import count_parameters
+
+GB = 1e9
+# Bytes kept for backward per (token x width) per block, per sample (measured: tests/test_plan.py).
+# bf16 autocast saves little: the elementwise chain of the mixer stays fp32 and the layers keep
+# bf16 copies of their inputs beside it.
+ACT_BYTES = {"bf16": 160.0, "fp32": 158.0}
+ACT_CKPT_BYTES = {"bf16": 8.0, "fp32": 8.5}  # a checkpointed block's inputs and its long skip
+RESERVE_GB = 2.0  # CUDA context, NCCL buffers, workspace
+FRAGMENTATION = 1.10  # allocator slack over the sum of live tensors
+# DeepSpeed's bucket defaults (elements), allocated in the training dtype.
+ZERO_BUCKETS = {1: 5e8, 2: 2 * 5e8, 3: 1e8}
+
+
+@dataclass(frozen=True)
+class Setting:
+    name: str  # as shown in the table
+    strategy: str  # dist.strategy
+    overrides: tuple[str, ...]  # the config keys that select it
+    comm_factor: float  # relative step time from communication (heuristic, see recommend)
+
+
+SETTINGS = (
+    Setting("ddp", "ddp", (), 1.00),
+    Setting("zero1", "deepspeed", ("dist.zero_stage=1",), 1.00),
+    Setting("zero2", "deepspeed", ("dist.zero_stage=2",), 1.00),
+    Setting("fsdp-zero2", "fsdp", ("dist.reshard_after_forward=false",), 1.02),
+    Setting("hsdp", "fsdp", ("dist.shard_group_size=<gpus per node>",), 1.03),
+    Setting("fsdp", "fsdp", (), 1.06),
+    Setting("zero3", "deepspeed", ("dist.zero_stage=3",), 1.08),
+)
+
+
+@dataclass(frozen=True)
+class Estimate:
+    setting: Setting
+    weights: float  # bytes per GPU
+    grads: float
+    optimizer: float
+    ema: float
+    transient: float  # gathered weights and gradient buckets
+    act_per_sample: float
+    act_per_sample_ckpt: float
+    act_block: float  # one block's activations per sample (recomputed under checkpointing)
+
+    @property
+    def states(self) -> float:
+        return self.weights + self.grads + self.optimizer + self.ema
+
+    def total(self, micro_batch: int, checkpointing: bool) -> float:
+        act = self.act_per_sample_ckpt + self.act_block if checkpointing else self.act_per_sample
+        return (self.states + self.transient + micro_batch * act) * FRAGMENTATION + RESERVE_GB * GB
+
+
+def estimate(
+    model: str, *, latent: int, channels: int = 4, num_classes: int = 1000, gpus: int,
+    gpus_per_node: int = 8, precision: str = "bf16",
+) -> list[Estimate]:
+    """Per-GPU memory of every setting in SETTINGS for ``model`` on ``latent`` x ``latent`` inputs."""
+    size, patch = parse_model_name(model)
+    params = count_parameters(model, input_size=latent, in_channels=channels, num_classes=num_classes)
+    tokens = (latent // patch) ** 2 + (2 if num_classes else 1)
+    blocks = size.depth + 1
+    block_params = params / blocks  # the gathered unit of FSDP and ZeRO-3 (embeddings are small)
+    lp = 2 if precision == "bf16" else 4
+    act_block = ACT_BYTES[precision] * tokens * size.width
+    act = act_block * blocks
+    act_ckpt = ACT_CKPT_BYTES[precision] * tokens * size.width * blocks
+    out = []
+    for s in SETTINGS:
+        shards = min(gpus, gpus_per_node) if s.name == "hsdp" else gpus
+        P = params
+        if s.name == "ddp":
+            w, g, o, e, tr = 4 * P, 4 * P, 8 * P, 4 * P, 2 * 25e6 * 4  # two 25 MB gradient buckets
+        elif s.strategy == "fsdp":
+            w, g, o, e = 4 * P / shards, 4 * P / shards, 8 * P / shards, 4 * P / shards
+            gathered = lp * P if s.name == "fsdp-zero2" else 2 * lp * block_params
+            tr = gathered + 4 * block_params  # + one block's unsharded fp32 gradient
+        else:
+            stage = int(s.name[-1])
+            w = lp * P / (shards if stage == 3 else 1)
+            g = lp * P / (shards if stage >= 2 else 1)
+            o, e = (4 * P + 8 * P) / shards, 4 * P / shards  # fp32 master partition + Adam
+            tr = ZERO_BUCKETS[stage] * lp + (2 * lp * block_params if stage == 3 else 0)
+        out.append(Estimate(s, w, g, o, e, tr, act, act_ckpt, act_block))
+    return out
+
+
+def saved_activation_bytes(model: nn.Module, batch: int, precision: str = "bf16") -> int:
+    """Bytes that one forward of ``model`` (a DiS, on its device) keeps for its backward pass,
+    each storage counted once, parameters excluded: what ACT_BYTES models."""
+    device = next(model.parameters()).device
+    x = torch.randn(batch, model.in_channels, model.input_size, model.input_size, device=device)
+    t = torch.linspace(1, 999, batch, device=device)
+    y = torch.arange(batch, device=device) % max(1, model.num_classes) if model.num_classes else None
+    kept: dict[int, int] = {}
+
+    def pack(tensor: torch.Tensor) -> torch.Tensor:
+        storage = tensor.untyped_storage()
+        kept[storage.data_ptr()] = storage.nbytes()
+        return tensor
+
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        with torch.autocast(device.type, torch.bfloat16, enabled=precision == "bf16"):
+            model(x, t, y)
+    return sum(n for ptr, n in kept.items() if ptr not in params)
+
+
+@dataclass(frozen=True)
+class Choice:
+    estimate: Estimate
+    micro_batch: int
+    accumulation: int
+    checkpointing: bool
+    memory: float
+    score: float  # relative step time (lower is better)
+
+
+def choices(estimates: list[Estimate], per_gpu_batch: int, gpu_mem_gb: float) -> list[Choice]:
+    """For each setting and checkpointing on/off, the largest micro-batch (a divisor of the
+    per-GPU batch) that fits, ranked by a step-time heuristic: checkpointing costs a third more
+    compute, micro-batches under 8 use a GPU poorly, and sharding costs communication
+    (Setting.comm_factor)."""
+    found = []
+    divisors = [d for d in range(per_gpu_batch, 0, -1) if per_gpu_batch % d == 0]
+    for est in estimates:
+        for ckpt in (False, True):
+            for m in divisors:
+                mem = est.total(m, ckpt)
+                if mem <= gpu_mem_gb * GB:
+                    score = (4 / 3 if ckpt else 1.0) * est.setting.comm_factor * (1 + max(0, 8 - m) * 0.04)
+                    found.append(Choice(est, m, per_gpu_batch // m, ckpt, mem, score))
+                    break
+    return sorted(found, key=lambda c: (c.score, c.memory))
+
+
+def table(model: str, resolution: int, gpus: int, gpu_mem: float, global_batch: int,
+          gpus_per_node: int = 8, precision: str = "bf16", num_classes: int = 1000) -> str:
+    """The planner's report as text: a row per setting, then the recommendation."""
+    if resolution % 8:
+        raise ConfigError(f"--resolution {resolution} is not a multiple of the VAE's factor 8")
+    if global_batch % gpus:
+        raise ConfigError(f"--global-batch {global_batch} is not divisible by --gpus {gpus}")
+    latent = resolution // 8
+    per_gpu = global_batch // gpus
+    ests = estimate(model, latent=latent, num_classes=num_classes, gpus=gpus,
+                    gpus_per_node=gpus_per_node, precision=precision)
+    params = count_parameters(model, input_size=latent, in_channels=4, num_classes=num_classes)
+    ranked = choices(ests, per_gpu, gpu_mem)
+    best = {(c.estimate.setting.name, c.checkpointing): c for c in reversed(ranked)}
+    lines = [
+        f"{model} ({params / 1e6:.0f}M parameters) at {resolution} px ({latent}x{latent}x4 latents), "
+        f"{precision}, {gpus} GPUs x {gpu_mem:g} GB, global batch {global_batch} ({per_gpu} per GPU)",
+        "",
+        f"{'setting':<11} {'weights':>8} {'grads':>7} {'optim':>7} {'EMA':>6} {'buffers':>8} "
+        f"{'act/img':>8} {'act/img ckpt':>12} {'micro (no ckpt)':>16} {'micro (ckpt)':>13}",
+        "-" * 104,
+    ]
+
+    def fit(name: str, ckpt: bool) -> str:
+        c = best.get((name, ckpt))
+        return f"{c.micro_batch} ({c.memory / GB:.1f} GB)" if c else "does not fit"
+
+    for e in ests:
+        n = e.setting.name
+        lines.append(
+            f"{n:<11} {e.weights / GB:>8.2f} {e.grads / GB:>7.2f} {e.optimizer / GB:>7.2f} {e.ema / GB:>6.2f} "
+            f"{e.transient / GB:>8.2f} {e.act_per_sample / GB:>8.2f} "
+            f"{(e.act_per_sample_ckpt + e.act_block) / GB:>12.3f} {fit(n, False):>16} {fit(n, True):>13}"
+        )
+    lines.append("(GB per GPU; micro: the largest micro-batch dividing the per-GPU batch that fits, "
+                 "and the estimated peak)")
+    if not ranked:
+        lines.append(f"\nnothing fits in {gpu_mem:g} GB with a micro-batch of 1: use more GPUs")
+        return "\n".join(lines)
+    c = ranked[0]
+    keys = [f"dist.strategy={c.estimate.setting.strategy}", *c.estimate.setting.overrides,
+            f"train.micro_batch={c.micro_batch}", f"train.activation_checkpointing={int(c.checkpointing)}"]
+    keys = [k.replace("<gpus per node>", str(min(gpus, gpus_per_node))) for k in keys]
+    lines += ["", f"recommended: {c.estimate.setting.name}, micro-batch {c.micro_batch} x "
+              f"{c.accumulation} accumulation, activation checkpointing {'on' if c.checkpointing else 'off'}, "
+              f"about {c.memory / GB:.1f} GB per GPU", "  " + " ".join(keys)]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m dis_dist.plan", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="DiS-H/2")
+    p.add_argument("--resolution", type=int, default=256, help="image size in pixels (latents are 1/8)")
+    p.add_argument("--gpus", type=int, default=8)
+    p.add_argument("--gpus-per-node", type=int, default=8)
+    p.add_argument("--gpu-mem", type=float, default=80, help="GB per GPU")
+    p.add_argument("--global-batch", type=int, default=256)
+    p.add_argument("--precision", choices=("bf16", "fp32"), default="bf16")
+    p.add_argument("--num-classes", type=int, default=1000)
+    args = p.parse_args(argv)
+    try:
+        print(table(args.model, args.resolution, args.gpus, args.gpu_mem, args.global_batch,
+                    args.gpus_per_node, args.precision, args.num_classes))
+    except DisDistError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
