@@ -9,7 +9,6 @@ from pathlib import Path
 import pytest
 
 from dis_dist.config import (
-    RunConfig,
     config_from_dict,
     grad_accumulation,
     load_config,
@@ -45,11 +44,6 @@ def test_saved_config_round_trips(tmp_path):
     again = load_config(tmp_path / "config.yaml")
     assert to_dict(again) == to_dict(cfg)
     assert to_dict(config_from_dict(to_dict(cfg))) == to_dict(cfg)
-
-
-def test_shipped_configs_load():
-    for path in sorted((ROOT / "configs").glob("*.yaml")):
-        assert isinstance(load_config(path), RunConfig), path
 
 
 @pytest.mark.parametrize(
@@ -140,3 +134,39 @@ def test_ranks_from_torchrun_and_slurm():
     assert slurm == {"RANK": "5", "WORLD_SIZE": "8", "LOCAL_RANK": "1", "LOCAL_WORLD_SIZE": "4",
                      "MASTER_ADDR": "gpu010", "MASTER_PORT": str(29500 + 242)}
     assert ranks_from_env({"SLURM_PROCID": "0", "SLURM_NTASKS": "1"}) is None  # a lone task
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "configs").glob("*.yaml")))
+def test_shipped_configs_load(path):
+    cfg = load_config(path)
+    validate(cfg, world_size=1 if cfg.dist.strategy == "single" else 8)
+    if cfg.dist.deepspeed_config:
+        from dis_dist.dist.zero import deepspeed_config
+
+        ds = deepspeed_config(cfg, accum=2)
+        assert ds["zero_optimization"]["stage"] == cfg.dist.zero_stage and ds["train_batch_size"] == 256
+
+
+def test_deepspeed_passthrough_cannot_override_the_run_config(tmp_path):
+    from dis_dist.dist.zero import deepspeed_config
+
+    passthrough = tmp_path / "ds.json"
+    passthrough.write_text('{"zero_optimization": {"overlap_comm": true}, "gradient_clipping": 5.0}')
+    cfg = load_config(None, ["dist.strategy=deepspeed", f"dist.deepspeed_config={passthrough}"])
+    with pytest.raises(ConfigError, match="'gradient_clipping', which comes from optim.grad_clip"):
+        deepspeed_config(cfg, accum=1)
+    passthrough.write_text('{"zero_optimization": {"overlap_comm": true, "stage": 3}}')
+    with pytest.raises(ConfigError, match="set the stage in one place"):
+        deepspeed_config(cfg, accum=1)
+    passthrough.write_text('{"zero_optimization": {"overlap_comm": true}}')
+    merged = deepspeed_config(cfg, accum=1)["zero_optimization"]
+    assert merged["overlap_comm"] is True and merged["stage"] == 2
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "configs" / "deepspeed").glob("*.json")))
+def test_shipped_deepspeed_files_merge(path):
+    from dis_dist.dist.zero import deepspeed_config
+
+    stage = int(path.stem[-1])
+    cfg = load_config(None, ["dist.strategy=deepspeed", f"dist.zero_stage={stage}", f"dist.deepspeed_config={path}"])
+    assert deepspeed_config(cfg, accum=1)["zero_optimization"]["stage"] == stage
