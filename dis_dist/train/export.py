@@ -13,6 +13,7 @@ import argparse
 import json
 import math
 import sys
+import warnings
 from pathlib import Path
 
 import torch
@@ -43,7 +44,9 @@ def _from_dcp(directory: Path, prefix: str) -> dict[str, Tensor]:
         key: torch.empty(m.size, dtype=m.properties.dtype)
         for key, m in meta.items() if key.startswith(prefix + ".") and hasattr(m, "size")
     }
-    dcp.load(state, storage_reader=reader, no_dist=True)
+    with warnings.catch_warnings():  # "assuming the intent is to load in a single process": it is
+        warnings.simplefilter("ignore", UserWarning)
+        dcp.load(state, storage_reader=reader, no_dist=True)
     return {key[len(prefix) + 1 :]: value for key, value in state.items()}
 
 
