@@ -93,6 +93,7 @@ class SampleConfig:
 class CheckpointConfig:
     every: int = 5000  # steps between checkpoints; 0 saves only at the end
     keep_last: int = 3  # complete checkpoints kept; older ones are deleted
+    async_save: bool = False  # fsdp: write shards in a background thread while training goes on
 
 
 @dataclass
@@ -318,6 +319,8 @@ def validate(cfg: RunConfig, world_size: int = 1) -> None:
             f"dist.strategy='single' runs one process, but the job has {world_size} ranks; "
             f"choose one of: ddp, fsdp, deepspeed"
         )
+    if cfg.checkpoint.async_save and dist.strategy != "fsdp":
+        raise ConfigError(f"checkpoint.async_save needs dist.strategy='fsdp' (got {dist.strategy!r})")
     if dist.deepspeed_config and not Path(dist.deepspeed_config).is_file():
         raise ConfigError(f"dist.deepspeed_config: {dist.deepspeed_config!r} does not exist")
     per_step = cfg.train.micro_batch * world_size

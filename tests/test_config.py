@@ -93,6 +93,7 @@ def test_world_size_divisibility():
     (["dist.timeout_min=0"], 1, "dist.timeout_min must be positive"),
     (["train.activation_checkpointing=-1"], 1, "train.activation_checkpointing must be >= 0"),
     (["dist.strategy=horovod"], 1, "choose one of: single, ddp, fsdp, deepspeed"),
+    (["checkpoint.async_save=true", "dist.strategy=ddp"], 1, "checkpoint.async_save needs dist.strategy='fsdp'"),
 ])
 def test_distributed_settings_are_checked(overrides, world_size, message):
     with pytest.raises(ConfigError, match=message):

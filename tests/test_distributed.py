@@ -35,6 +35,7 @@ STRATEGIES = {
     "ddp": ["dist.strategy=ddp"],
     "fsdp": ["dist.strategy=fsdp"],
     "fsdp_zero2": ["dist.strategy=fsdp", "dist.reshard_after_forward=false"],
+    "fsdp_async": ["dist.strategy=fsdp", "checkpoint.async_save=true"],
     "zero1": ["dist.strategy=deepspeed", "dist.zero_stage=1"],
     "zero2": ["dist.strategy=deepspeed", "dist.zero_stage=2"],
     "zero3": ["dist.strategy=deepspeed", "dist.zero_stage=3"],

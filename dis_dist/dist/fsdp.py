@@ -10,10 +10,12 @@ from __future__ import annotations
 
 import logging
 import warnings
+from concurrent.futures import Future
 from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch import Tensor, nn
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
@@ -82,6 +84,7 @@ class FSDPStrategy(Strategy):
         self._ema = [p.detach().clone() for p in model.parameters()]  # DTensors, sharded alike
         self.optimizer = make_optimizer(param_groups(model, cfg.optim.weight_decay, self._no_decay))
         self.scheduler = make_scheduler(self.optimizer)
+        self._async_group: dist.ProcessGroup | None = None
 
     @contextmanager
     def _gradient_sync(self, enabled: bool):  # noqa: ANN202
@@ -115,10 +118,16 @@ class FSDPStrategy(Strategy):
                 full[name] = whole.float().cpu()
         return full if self.env.is_main else None
 
-    def save(self, directory: Path) -> None:
+    def save(self, directory: Path) -> Future | None:
         model_state, optim_state = get_state_dict(self.model, self.optimizer)
-        dcp.save({"model": model_state, "optim": optim_state, "ema": self._ema_state()},
-                 checkpoint_id=directory / DCP_DIR)
+        state = {"model": model_state, "optim": optim_state, "ema": self._ema_state()}
+        if not self.cfg.checkpoint.async_save:
+            dcp.save(state, checkpoint_id=directory / DCP_DIR)
+            return None
+        if self._async_group is None:  # its own group: the writer thread's collectives never
+            self._async_group = dist.new_group(backend="gloo")  # interleave with training's
+        # Staging copies the shards to CPU memory before returning; the thread writes them.
+        return dcp.async_save(state, checkpoint_id=directory / DCP_DIR, process_group=self._async_group)
 
     def load(self, directory: Path) -> None:
         model_state, optim_state = get_state_dict(self.model, self.optimizer)

@@ -10,6 +10,7 @@ import copy
 import math
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable
+from concurrent.futures import Future
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
@@ -107,8 +108,9 @@ class Strategy(ABC):
         return module.eval().requires_grad_(False)
 
     @abstractmethod
-    def save(self, directory: Path) -> None:
-        """Collective. Write weights, EMA and optimiser state into ``directory``."""
+    def save(self, directory: Path) -> Future | None:
+        """Collective. Write weights, EMA and optimiser state into ``directory``; an asynchronous
+        save returns the future of its completion."""
 
     @abstractmethod
     def load(self, directory: Path) -> None:

@@ -10,6 +10,7 @@ import re
 import shutil
 import time
 from collections.abc import Callable
+from concurrent.futures import Future
 from pathlib import Path
 
 from dis_dist.errors import CheckpointError
@@ -30,6 +31,7 @@ class CheckpointManager:
     def __init__(self, root: str | Path, keep_last: int) -> None:
         self.root = Path(root)
         self.keep_last = keep_last
+        self._pending: tuple[Future, Callable[[], None]] | None = None
 
     def path_for(self, step: int) -> Path:
         return self.root / f"step_{step:08d}"
@@ -50,11 +52,15 @@ class CheckpointManager:
         return done[-1][1] if done else None
 
     def save(
-        self, step: int, write: Callable[[Path], None], *, is_main: bool = True,
+        self, step: int, write: Callable[[Path], Future | None], *, is_main: bool = True,
         barrier: Callable[[], None] = lambda: None,
     ) -> Path:
         """Run ``write(tmp_dir)`` (on every rank of a job, into one shared directory), then mark
-        it complete, rename it into place and prune (rank 0, once every rank has written)."""
+        it complete, rename it into place and prune (rank 0, once every rank has written).
+
+        When ``write`` returns a future (an asynchronous save), completing the checkpoint waits
+        for :meth:`finish`: the next save, or the end of training, calls it."""
+        self.finish()
         final = self.path_for(step)
         tmp = self.root / f".tmp_{final.name}"
         if is_main:
@@ -62,16 +68,31 @@ class CheckpointManager:
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir()
         barrier()
-        write(tmp)
-        barrier()
-        if is_main:
-            (tmp / MARKER).write_text(json.dumps({"step": step, "time": time.time()}))
-            if final.exists():
-                shutil.rmtree(final)
-            tmp.rename(final)
-            self.prune()
-        barrier()
+        pending = write(tmp)
+
+        def complete() -> None:
+            barrier()
+            if is_main:
+                (tmp / MARKER).write_text(json.dumps({"step": step, "time": time.time()}))
+                if final.exists():
+                    shutil.rmtree(final)
+                tmp.rename(final)
+                self.prune()
+            barrier()
+
+        if pending is None:
+            complete()
+        else:
+            self._pending = (pending, complete)
         return final
+
+    def finish(self) -> None:
+        """Wait for an asynchronous save in flight, then complete its checkpoint (collective)."""
+        if self._pending is not None:
+            future, complete = self._pending
+            self._pending = None
+            future.result()
+            complete()
 
     def prune(self) -> None:
         """Delete complete checkpoints beyond ``keep_last`` and leftovers of interrupted saves."""

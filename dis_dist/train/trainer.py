@@ -7,6 +7,7 @@ import json
 import logging
 import random
 import time
+from concurrent.futures import Future
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -141,8 +142,8 @@ class Trainer:
 
     # -- checkpoints ------------------------------------------------------------------------
     def save_checkpoint(self) -> Path:
-        def write(directory: Path) -> None:
-            self.strategy.save(directory)
+        def write(directory: Path) -> Future | None:
+            pending = self.strategy.save(directory)
             torch.save(rng_state(), directory / f"rng_rank{self.env.rank}.pt")
             if self.env.is_main:
                 torch.save(
@@ -162,9 +163,12 @@ class Trainer:
                               "scaling_factor": self.loader.scaling_factor,
                               "class_names": list(self.loader.class_names)}
                 (directory / "model.json").write_text(json.dumps(model_info, indent=2))
+            return pending
 
         path = self.checkpoints.save(self.step, write, is_main=self.env.is_main, barrier=self.env.barrier)
-        log.info("saved checkpoint %s", path)
+        if self.env.is_main:
+            log.info("saved checkpoint %s%s", path, " (shards written in the background)"
+                     if self.cfg.checkpoint.async_save else "")
         return path
 
     def load_checkpoint(self, path: Path) -> None:
@@ -347,6 +351,7 @@ class Trainer:
             window["other"] += time.perf_counter() - t_other
         if saved_at != self.step:
             self.save_checkpoint()
+        self.checkpoints.finish()
         samples_png = None
         if self.step == cfg.train.steps:
             if sampled_at != self.step:
