@@ -119,6 +119,23 @@ def test_checkpoint_manager_keeps_complete_ones(tmp_path):
         resolve_resume(str(tmp_path / "missing"), manager)
 
 
+def test_checkpoint_manager_completes_an_async_save_later(tmp_path):
+    from concurrent.futures import Future
+
+    manager = CheckpointManager(tmp_path, keep_last=3)
+    future: Future = Future()
+    manager.save(1, lambda d: future)
+    assert manager.latest() is None  # still being written
+    future.set_result(None)
+    manager.save(2, lambda d: None)  # completes step 1 first
+    assert [s for s, _ in manager.complete()] == [1, 2]
+    pending: Future = Future()
+    manager.save(3, lambda d: pending)
+    pending.set_result(None)
+    manager.finish()
+    assert [s for s, _ in manager.complete()] == [1, 2, 3]
+
+
 def test_schedules():
     assert [lr_factor(s, warmup=4, total=10, schedule="constant") for s in (0, 3, 4, 9)] == [0.25, 1, 1, 1]
     assert lr_factor(4, warmup=4, total=10, schedule="cosine") == pytest.approx(1.0)

@@ -52,7 +52,7 @@ class CheckpointManager:
         return done[-1][1] if done else None
 
     def save(
-        self, step: int, write: Callable[[Path], Future | None], *, is_main: bool = True,
+        self, step: int, write: Callable[[Path], object], *, is_main: bool = True,
         barrier: Callable[[], None] = lambda: None,
     ) -> Path:
         """Run ``write(tmp_dir)`` (on every rank of a job, into one shared directory), then mark
@@ -80,7 +80,7 @@ class CheckpointManager:
                 self.prune()
             barrier()
 
-        if pending is None:
+        if not isinstance(pending, Future):
             complete()
         else:
             self._pending = (pending, complete)
