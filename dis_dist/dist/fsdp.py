@@ -24,6 +24,7 @@ from torch.distributed.fsdp import CPUOffloadPolicy, FSDPModule, MixedPrecisionP
 
 from dis_dist.config import RunConfig
 from dis_dist.dist.env import DistEnv
+from dis_dist.errors import ConfigError
 from dis_dist.dist.strategy import (
     OptimizerFactory,
     SchedulerFactory,
@@ -61,6 +62,9 @@ class FSDPStrategy(Strategy):
     ) -> None:
         super().__init__(env, cfg, accum, model)
         dc = cfg.dist
+        if dc.cpu_offload and env.device.type != "cuda":
+            raise ConfigError("dist.cpu_offload keeps GPU training state in CPU memory; this run has no GPU: "
+                              "set dist.cpu_offload=false")
         self.mesh = device_mesh(env, dc.shard_group_size)
         bf16 = cfg.train.precision == "bf16"
         offload = CPUOffloadPolicy() if dc.cpu_offload else OffloadPolicy()
