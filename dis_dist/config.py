@@ -74,6 +74,7 @@ class TrainConfig:
     seed: int = 0
     device: Literal["auto", "cpu", "cuda"] = "auto"
     activation_checkpointing: int = 0  # recompute every k-th block's activations in backward; 0: off
+    max_skipped_in_a_row: int = 10  # non-finite steps in a row before training stops with an error; 0: never
 
 
 @dataclass
@@ -93,6 +94,7 @@ class SampleConfig:
 class CheckpointConfig:
     every: int = 5000  # steps between checkpoints; 0 saves only at the end
     keep_last: int = 3  # complete checkpoints kept; older ones are deleted
+    keep_every: int = 0  # also keep every checkpoint whose step is a multiple of this; 0: none
     async_save: bool = False  # fsdp: write shards in a background thread while training goes on
 
 
@@ -284,6 +286,8 @@ def validate(cfg: RunConfig, world_size: int = 1) -> None:
         "optim.warmup_steps": cfg.optim.warmup_steps,
         "optim.grad_clip": cfg.optim.grad_clip,
         "optim.weight_decay": cfg.optim.weight_decay,
+        "train.max_skipped_in_a_row": cfg.train.max_skipped_in_a_row,
+        "checkpoint.keep_every": cfg.checkpoint.keep_every,
         "sample.ddim_eta": cfg.sample.ddim_eta,
     }
     for key, value in non_negative.items():

@@ -19,3 +19,7 @@ class CheckpointError(DisDistError):
 
 class BackendError(DisDistError, RuntimeError):
     """A requested compute backend cannot run here."""
+
+
+class TrainingError(DisDistError, RuntimeError):
+    """Training cannot go on as configured (for example, the loss keeps being non-finite)."""

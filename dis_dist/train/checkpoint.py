@@ -26,11 +26,12 @@ def is_complete(path: Path) -> bool:
 
 
 class CheckpointManager:
-    """Saves into ``root/step_XXXXXXXX``, keeps the newest ``keep_last`` complete ones."""
+    """Saves into ``root/step_XXXXXXXX``; keeps the newest ``keep_last`` complete ones and those
+    whose step is a multiple of ``keep_every`` (when positive)."""
 
-    def __init__(self, root: str | Path, keep_last: int) -> None:
+    def __init__(self, root: str | Path, keep_last: int, keep_every: int = 0) -> None:
         self.root = Path(root)
-        self.keep_last = keep_last
+        self.keep_last, self.keep_every = keep_last, keep_every
         self._pending: tuple[Future, Callable[[], None]] | None = None
 
     def path_for(self, step: int) -> Path:
@@ -95,9 +96,11 @@ class CheckpointManager:
             complete()
 
     def prune(self) -> None:
-        """Delete complete checkpoints beyond ``keep_last`` and leftovers of interrupted saves."""
-        for _, path in self.complete()[: -self.keep_last]:
-            shutil.rmtree(path, ignore_errors=True)
+        """Delete complete checkpoints that retention does not keep, and leftovers of
+        interrupted saves."""
+        for step, path in self.complete()[: -self.keep_last]:
+            if not (self.keep_every and step % self.keep_every == 0):
+                shutil.rmtree(path, ignore_errors=True)
         if self.root.is_dir():
             for path in self.root.iterdir():
                 if path.name.startswith(".tmp_") or (

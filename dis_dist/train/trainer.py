@@ -22,14 +22,15 @@ from dis_dist.data.encoders import display_decoder
 from dis_dist.diffusion import create_diffusion
 from dis_dist.diffusion.sampling import sample
 from dis_dist.dist.env import DistEnv, init_distributed
-from dis_dist.dist.strategy import build_strategy
-from dis_dist.errors import CheckpointError
+from dis_dist.dist.strategy import StepResult, build_strategy
+from dis_dist.errors import CheckpointError, TrainingError
 from dis_dist.models import build_model
 from dis_dist.models.flops import model_flops
 from dis_dist.train.checkpoint import CheckpointManager, resolve_resume
 from dis_dist.train.ema import ema_decay_at
 from dis_dist.train.lr import lr_factor
 from dis_dist.train.metrics import RunLogger, format_duration, peak_flops, peak_memory_gb
+from dis_dist.train.preemption import StopRequest
 from dis_dist.utils.images import make_grid, save_png, to_uint8
 
 log = logging.getLogger("dis_dist.train")
@@ -73,6 +74,7 @@ class FitResult:
     wall_time_s: float
     samples_png: Path | None
     images_per_sec: float  # throughput of the last logging window (sample grids, checkpoints excluded)
+    stopped: str | None = None  # why training stopped early (a signal or request), after saving
 
 
 class Trainer:
@@ -133,10 +135,14 @@ class Trainer:
         self.strategy = build_strategy(self.env, cfg, model, self.accum, make_optimizer, make_scheduler)
         self.scheduler = self.strategy.scheduler
         self._decode = None  # latents -> images for sample grids, built on first use
-        self.checkpoints = CheckpointManager(self.run_dir / "checkpoints", cfg.checkpoint.keep_last)
+        self.checkpoints = CheckpointManager(
+            self.run_dir / "checkpoints", cfg.checkpoint.keep_last, cfg.checkpoint.keep_every
+        )
         self.step = 0
         self.ema_updates = 0
         self.skipped_steps = 0
+        self.skipped_in_a_row = 0
+        self.stopped: str | None = None  # why fit stopped before its end step (a signal, a request)
         self.last_loss = float("nan")  # the mean loss of the last logging window
         self.images_per_sec = float("nan")  # and its throughput
 
@@ -252,6 +258,25 @@ class Trainer:
         dist.all_gather(out, values)
         return torch.stack(out)
 
+    def _check_finite(self, result: StepResult) -> None:
+        """Count non-finite steps; too many in a row end training with a clear error."""
+        if not result.skipped:
+            self.skipped_in_a_row = 0
+            return
+        self.skipped_in_a_row += 1
+        limit = self.cfg.train.max_skipped_in_a_row
+        if self.env.is_main:
+            log.warning("step %d: non-finite loss or gradient norm (%s); update skipped (%d in a row)",
+                        self.step, result.grad_norm, self.skipped_in_a_row)
+        if limit and self.skipped_in_a_row >= limit:
+            newest = self.checkpoints.latest()
+            raise TrainingError(
+                f"{self.skipped_in_a_row} steps in a row (up to step {self.step}) had a non-finite loss or "
+                f"gradient norm (train.max_skipped_in_a_row={limit}). The newest checkpoint, "
+                f"{newest or 'none'}, holds the last good weights: lower optim.lr, raise optim.warmup_steps "
+                f"or check the data, then resume with --resume auto"
+            )
+
     def fit(self, resume: str = "auto", stop_at_step: int | None = None) -> FitResult:
         """Train from the checkpoint ``resume`` picks up to ``train.steps``; with ``stop_at_step``,
         stop there (saving a checkpoint) as a preempted run would."""
@@ -286,72 +311,83 @@ class Trainer:
         window = {"n": 0, "data": 0.0, "other": 0.0, "start": time.perf_counter()}
         saved_at = self.step if ckpt is not None else -1
         sampled_at, grid = -1, None
-        while self.step < end_step:
-            for micro in range(self.accum):
-                t_data = time.perf_counter()
-                x, y = next(self.loader)
-                x, y = x.to(env.device, non_blocking=True), y.to(env.device, non_blocking=True)
-                window["data"] += time.perf_counter() - t_data
-                t, noise = self._noise(x, micro)
-                kwargs = {"y": y} if self.num_classes else {}
-                with self.strategy.micro_batch(last=micro == self.accum - 1):
-                    with autocast:
-                        terms = self.diffusion.training_losses(model, x, t, kwargs, noise=noise)
-                    loss = terms["loss"].mean()
-                    self.strategy.backward(loss)
-                loss_sums += torch.stack([
-                    loss.detach(), terms["mse"].detach().mean(),
-                    terms["vb"].detach().mean() if "vb" in terms else loss.new_zeros(()),
-                ]).float() / self.accum
-            result = self.strategy.step()
-            self.strategy.update_ema(ema_decay_at(cfg.train.ema_decay, self.ema_updates, cfg.train.ema_warmup))
-            self.ema_updates += 1
-            self.skipped_steps += int(result.skipped)
-            self.step += 1
+        with StopRequest(env, self.run_dir) as stop:
+            stop.clear()  # a request left by an earlier job was handled by its save
+            while self.step < end_step:
+                for micro in range(self.accum):
+                    t_data = time.perf_counter()
+                    x, y = next(self.loader)
+                    x, y = x.to(env.device, non_blocking=True), y.to(env.device, non_blocking=True)
+                    window["data"] += time.perf_counter() - t_data
+                    t, noise = self._noise(x, micro)
+                    kwargs = {"y": y} if self.num_classes else {}
+                    with self.strategy.micro_batch(last=micro == self.accum - 1):
+                        with autocast:
+                            terms = self.diffusion.training_losses(model, x, t, kwargs, noise=noise)
+                        loss = terms["loss"].mean()
+                        self.strategy.backward(loss)
+                    loss_sums += torch.stack([
+                        loss.detach(), terms["mse"].detach().mean(),
+                        terms["vb"].detach().mean() if "vb" in terms else loss.new_zeros(()),
+                    ]).float() / self.accum
+                result = self.strategy.step()
+                self.strategy.update_ema(ema_decay_at(cfg.train.ema_decay, self.ema_updates, cfg.train.ema_warmup))
+                self.ema_updates += 1
+                self.skipped_steps += int(result.skipped)
+                self.step += 1
+                self._check_finite(result)
 
-            window["n"] += 1
-            if self.step % cfg.log.every == 0 or self.step == end_step:
-                n = window["n"]
-                mem = torch.tensor([peak_memory_gb(env.device)], device=env.device)
-                stats = self._gather_stats(torch.cat([loss_sums / n, mem]))
-                self.last_loss, mse, vb = stats[:, :3].mean(0).tolist()
-                memory = stats[:, 3].tolist()
-                loss_sums.zero_()
-                elapsed = time.perf_counter() - window["start"] - window["other"]
-                self.images_per_sec = images_per_sec = n * cfg.train.global_batch / elapsed
-                scalars = {
-                    "train/loss": self.last_loss,
-                    "train/loss_mse": mse,
-                    "train/loss_vb": vb,
-                    "train/lr": self.scheduler.get_last_lr()[0],
-                    "train/grad_norm": result.grad_norm,
-                    "train/skipped_steps": self.skipped_steps,
-                    "data/shard_errors": self.loader.shard_errors,
-                    "perf/images_per_sec": images_per_sec,
-                    "perf/images_per_sec_per_device": images_per_sec / env.world_size,
-                    "perf/step_time_s": elapsed / n,
-                    "perf/data_wait_s": window["data"] / n,
-                    "perf/peak_memory_gb": max(memory),
-                    **{f"memory/peak_gb_rank{r}": m for r, m in enumerate(memory)},
-                }
-                if device_peak:
-                    scalars["perf/mfu"] = images_per_sec * self.flops_per_image / (device_peak * env.world_size)
-                logger.scalars(self.step, scalars)
-                logger.progress(self.step, self.last_loss, images_per_sec)
-                window = {"n": 0, "data": 0.0, "other": 0.0, "start": time.perf_counter()}
-            t_other = time.perf_counter()
-            if cfg.sample.every and self.step % cfg.sample.every == 0:
-                grid, sampled_at = self.sample_grid(), self.step
-                if grid is not None:
-                    logger.image("samples/ema", self.step, grid)
-                    logger.flush()
-            if cfg.checkpoint.every and self.step % cfg.checkpoint.every == 0:
-                self.save_checkpoint()
-                saved_at = self.step
-            window["other"] += time.perf_counter() - t_other
+                window["n"] += 1
+                if self.step % cfg.log.every == 0 or self.step == end_step:
+                    n = window["n"]
+                    mem = torch.tensor([peak_memory_gb(env.device)], device=env.device)
+                    stats = self._gather_stats(torch.cat([loss_sums / n, mem]))
+                    self.last_loss, mse, vb = stats[:, :3].mean(0).tolist()
+                    memory = stats[:, 3].tolist()
+                    loss_sums.zero_()
+                    elapsed = time.perf_counter() - window["start"] - window["other"]
+                    self.images_per_sec = images_per_sec = n * cfg.train.global_batch / elapsed
+                    scalars = {
+                        "train/loss": self.last_loss,
+                        "train/loss_mse": mse,
+                        "train/loss_vb": vb,
+                        "train/lr": self.scheduler.get_last_lr()[0],
+                        "train/grad_norm": result.grad_norm,
+                        "train/skipped_steps": self.skipped_steps,
+                        "data/shard_errors": self.loader.shard_errors,
+                        "perf/images_per_sec": images_per_sec,
+                        "perf/images_per_sec_per_device": images_per_sec / env.world_size,
+                        "perf/step_time_s": elapsed / n,
+                        "perf/data_wait_s": window["data"] / n,
+                        "perf/peak_memory_gb": max(memory),
+                        **{f"memory/peak_gb_rank{r}": m for r, m in enumerate(memory)},
+                    }
+                    if device_peak:
+                        scalars["perf/mfu"] = images_per_sec * self.flops_per_image / (device_peak * env.world_size)
+                    logger.scalars(self.step, scalars)
+                    logger.progress(self.step, self.last_loss, images_per_sec)
+                    window = {"n": 0, "data": 0.0, "other": 0.0, "start": time.perf_counter()}
+                t_other = time.perf_counter()
+                if cfg.sample.every and self.step % cfg.sample.every == 0:
+                    grid, sampled_at = self.sample_grid(), self.step
+                    if grid is not None:
+                        logger.image("samples/ema", self.step, grid)
+                        logger.flush()
+                if cfg.checkpoint.every and self.step % cfg.checkpoint.every == 0:
+                    self.save_checkpoint()
+                    saved_at = self.step
+                window["other"] += time.perf_counter() - t_other
+                if stop.poll():
+                    self.stopped = stop.reason or "stop requested on another rank"
+                    break
+            if self.stopped:
+                stop.clear()
         if saved_at != self.step:
             self.save_checkpoint()
         self.checkpoints.finish()
+        if self.stopped and env.is_main:
+            log.warning("stopped at step %d (%s) after saving a checkpoint; resume with --resume auto",
+                        self.step, self.stopped)
         samples_png = None
         if self.step == cfg.train.steps:
             if sampled_at != self.step:
@@ -365,4 +401,4 @@ class Trainer:
         wall = time.perf_counter() - start
         if env.is_main:
             log.info("done: step %d, loss %.4f, %s", self.step, self.last_loss, format_duration(wall))
-        return FitResult(self.step, self.last_loss, wall, samples_png, self.images_per_sec)
+        return FitResult(self.step, self.last_loss, wall, samples_png, self.images_per_sec, self.stopped)
