@@ -4,7 +4,8 @@
 # DiS-B/2 and DiS-H/2 (bf16, activation checkpointing) beside the planner's estimate.
 #   bash tools/gpu_check.sh 2>&1 | tee "$OUT/gpu_check.txt"
 set -u
-export PYTHONPATH="${PYTHONPATH:-}:$(pwd)"
+PYTHONPATH="${PYTHONPATH:-}:$PWD"
+export PYTHONPATH
 python -c "import torch; print(torch.__version__, torch.cuda.get_device_name(0))"
 python tools/bench_scan.py --device cuda --dtype bf16 --backends reference,chunked,triton --repeats 5 \
     --skip-reference-above 1100

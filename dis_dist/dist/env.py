@@ -114,17 +114,32 @@ def init_distributed(strategy: str, device: str = "auto", timeout_min: float = 3
         if where.type == "cuda":
             torch.cuda.set_device(where)
         backend = "nccl" if where.type == "cuda" else "gloo"
-        if ranks["MASTER_PORT"] == "0":  # a group of one: any free port
-            init = f"tcp://127.0.0.1:{_free_port()}"
-        else:
-            init = "env://"
+        timeout = datetime.timedelta(minutes=timeout_min)
+        where_to_meet: dict = {"store": _agent_store(timeout)}
+        if where_to_meet["store"] is None:
+            port = ranks["MASTER_PORT"]
+            # A group of one needs no agreed port: any free one.
+            where_to_meet = {"init_method": f"tcp://127.0.0.1:{_free_port()}" if port == "0" else "env://"}
         dist.init_process_group(
-            backend, init_method=init, rank=rank, world_size=world,
-            timeout=datetime.timedelta(minutes=timeout_min),
-            device_id=where if where.type == "cuda" else None,
+            backend, rank=rank, world_size=world, timeout=timeout,
+            device_id=where if where.type == "cuda" else None, **where_to_meet,
         )
         log.info("process group: rank %d of %d (local %d), %s on %s", rank, world, local, backend, where)
     return DistEnv(rank, world, local, where, int(ranks["LOCAL_WORLD_SIZE"]))
+
+
+def _agent_store(timeout: datetime.timedelta) -> dist.Store | None:
+    """torchrun's store, with keys of their own for each restart of the workers.
+
+    torchrun (c10d rendezvous) serves every restart from the same store and port, and the
+    process groups of restarted workers would read the addresses the previous, dead workers
+    published there (gloo then fails to connect, NCCL hangs): a prefix per restart avoids that.
+    """
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
+        return None
+    client = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]),
+                           int(os.environ["WORLD_SIZE"]), is_master=False, timeout=timeout)
+    return dist.PrefixStore(f"/dis_dist/restart_{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", client)
 
 
 def _free_port() -> int:

@@ -26,9 +26,10 @@ REQUEST_FILE = "STOP_REQUESTED"  # in the run directory
 class StopRequest:
     """A stop flag raised by signals or by ``run_dir/STOP_REQUESTED``, agreed on by all ranks.
 
-    ``poll()`` is called once per step: it starts a small all-reduce (MAX) of this rank's flag on
-    a gloo group and returns the result of the one started at the previous step, so ranks agree
-    without stalling the GPU; a stop is acted on one step after it is requested.
+    ``poll()`` is called once per step: it starts a one-element all-reduce (MAX) of this rank's
+    flag and returns the result of the one started at the previous step, so that reading it
+    rarely waits; a stop is acted on one step after it is requested. The flag travels on the
+    CPU (gloo: a group of its own when training uses NCCL), so polling never syncs a GPU.
     """
 
     def __init__(self, env: DistEnv, run_dir: Path) -> None:
@@ -36,8 +37,10 @@ class StopRequest:
         self.request_file = run_dir / REQUEST_FILE
         self.reason: str | None = None
         self._previous: dict[int, object] = {}
-        self._group = dist.new_group(backend="gloo") if env.distributed else None
         self._pending: tuple[torch.Tensor, object] | None = None
+        self._group = None  # the default group, when it is gloo
+        if env.distributed and dist.get_backend() != "gloo":
+            self._group = dist.new_group(backend="gloo")
 
     def __enter__(self) -> StopRequest:
         if threading.current_thread() is threading.main_thread():
@@ -67,7 +70,7 @@ class StopRequest:
 
     def poll(self) -> bool:
         """Whether any rank has been asked to stop (collective; one step of delay when distributed)."""
-        if self._group is None:
+        if not self.env.distributed:
             return self._local()
         flag = torch.tensor([int(self._local())])
         work = dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self._group, async_op=True)
