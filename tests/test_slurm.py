@@ -7,6 +7,7 @@ The preemption timings (signal -> checkpoint saved -> training running again) ar
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import re
 import shutil
@@ -133,17 +134,24 @@ def test_sbatch_trains_and_leaves_events_and_checkpoints(straight: Path) -> None
     assert list((straight / "logs").glob("*-node0.log"))
 
 
-def test_requeue_mid_training_resumes_to_the_same_weights(
-    slurm_env: dict[str, str], straight: Path, tmp_path: Path, fmnist_root: Path
+@pytest.mark.parametrize("how", ["requeue", "usr1"])
+def test_preemption_mid_training_resumes_to_the_same_weights(
+    slurm_env: dict[str, str], straight: Path, tmp_path: Path, fmnist_root: Path, how: str
 ) -> None:
+    """``scontrol requeue`` (SIGTERM to every process; SLURM requeues) and SLURM's warning signal
+    (USR1 to the batch script, which asks training to stop and requeues the job itself)."""
     run_dir = tmp_path / "run"
     job = _submit(slurm_env, tmp_path, _tiny_config(tmp_path / "tiny.yaml", run_dir, fmnist_root))
     _wait_for(lambda: 40 in _checkpoints(run_dir), 240, "the first checkpoints")
     signalled = time.time()
-    subprocess.run(["scontrol", "requeue", job], env=slurm_env, check=True)
+    if how == "requeue":
+        subprocess.run(["scontrol", "requeue", job], env=slurm_env, check=True)
+    else:
+        subprocess.run(["scancel", "--batch", "--signal=USR1", job], env=slurm_env, check=True)
     log = run_dir / "logs" / f"{job}-node0.log"
-    stopped = _wait_for(lambda: re.search(r"stopped at step (\d+) \(SIGTERM", log.read_text()), 60,
-                        "training to save and stop on SIGTERM")
+    expected = "SIGTERM" if how == "requeue" else "request file"
+    stopped = _wait_for(lambda: re.search(rf"stopped at step (\d+) \({expected}", log.read_text()), 60,
+                        f"training to save and stop ({how})")
     saved_step = int(stopped.group(1))
     saved = (run_dir / "checkpoints" / f"step_{saved_step:08d}" / "COMPLETE").stat().st_mtime
     resumed_line = _wait_for(lambda: re.search(r"(\d\d:\d\d:\d\d) INFO dis_dist.train: resumed from .*step_(\d+) at",
@@ -153,7 +161,7 @@ def test_requeue_mid_training_resumes_to_the_same_weights(
     assert int(resumed_line.group(2)) == saved_step  # no step lost: it resumed where it stopped
     running = time.mktime(time.strptime(time.strftime("%Y-%m-%d ", time.localtime(saved)) + resumed_line.group(1),
                                         "%Y-%m-%d %H:%M:%S"))
-    print(f"\npreemption (scontrol requeue, SIGTERM): signal -> saved {saved - signalled:.1f} s "
+    print(f"\npreemption ({how}): signal -> saved {saved - signalled:.1f} s "
           f"(step {saved_step}), saved -> running again {running - saved:.1f} s, steps lost 0")
     final, reference = _final_weights(run_dir), _final_weights(straight)
     for name, value in reference.items():
@@ -193,3 +201,28 @@ def _worker_pid(rank: int) -> int | None:
         if b"dis_dist.train" in cmd and b"torch.distributed.run" not in cmd and f"RANK={rank}".encode() in environ:
             return int(proc.name)
     return None
+
+
+def test_submitit_preemption_resumes_to_the_same_weights(
+    slurm_env: dict[str, str], straight: Path, tmp_path: Path, fmnist_root: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    require(importlib.util.find_spec("submitit") is not None, "submitit (pip install submitit)")
+    from dis_dist.launch import submit
+
+    for key, value in {"SLURM_CONF": slurm_env["SLURM_CONF"], "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}.items():
+        monkeypatch.setenv(key, value)
+    run_dir = tmp_path / "run"
+    config = _tiny_config(tmp_path / "tiny.yaml", run_dir, fmnist_root)
+    # timeout_min >= 60: submitit counts any USR2 in a shorter job as a timeout.
+    job = submit(str(config), [], nodes=1, gpus_per_node=0, nproc_per_node=2, cpus_per_task=1, timeout_min=60,
+                 cluster="slurm", folder=tmp_path / "submitit")
+    _wait_for(lambda: 40 in _checkpoints(run_dir), 240, "the first checkpoints")
+    job._interrupt()  # preemption: SIGTERM, then USR2
+    results = job.results()
+    assert [r["step"] for r in results] == [STEPS, STEPS], results
+    assert int(_job(slurm_env, job.job_id).get("Restarts", "0")) >= 1
+    log = "".join(f.read_text() for f in (tmp_path / "submitit").rglob("*.err"))
+    assert re.search(r"stopped at step \d+ \(SIG", log), log[-3000:]  # saved before requeueing
+    final, reference = _final_weights(run_dir), _final_weights(straight)
+    for name, value in reference.items():
+        assert torch.equal(final[name], value), name

@@ -1,5 +1,6 @@
 """Stopping a run cleanly when the cluster asks: SIGUSR1 (SLURM's warning before a time limit
-or preemption), SIGTERM (``scontrol requeue``, preemption, ``kill``) or a request file (what
+or preemption), SIGUSR2 (submitit's), SIGTERM (``scontrol requeue``, preemption, ``kill``) or a
+request file (what
 ``slurm/train_dis_h.sbatch`` writes when its own shell is signalled) set a flag; at the next
 step boundary every rank learns whether any rank saw one, and the trainer saves and stops.
 """
@@ -19,7 +20,8 @@ from dis_dist.dist.env import DistEnv
 
 log = logging.getLogger(__name__)
 
-STOP_SIGNALS = (signal.SIGUSR1, signal.SIGTERM)
+# USR1: SLURM's --signal warning; USR2: submitit's preemption/timeout signal; TERM: requeue, kill.
+STOP_SIGNALS = (signal.SIGUSR1, signal.SIGUSR2, signal.SIGTERM)
 REQUEST_FILE = "STOP_REQUESTED"  # in the run directory
 
 
