@@ -15,6 +15,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -39,15 +40,21 @@ def test_shell_scripts_pass_shellcheck() -> None:
 
 
 @pytest.fixture(scope="module")
-def slurm_env() -> dict[str, str]:
+def slurm_env() -> Iterator[dict[str, str]]:
     """The environment in which sbatch and friends reach the local cluster."""
     conf = STATE / "slurm.conf"
+    script = str(ROOT / "tools" / "local_slurm.sh")
+    started = False
     if os.geteuid() == 0:
-        proc = subprocess.run([str(ROOT / "tools" / "local_slurm.sh"), "start"], capture_output=True, text=True)
+        was_running = subprocess.run([script, "status"], capture_output=True).returncode == 0
+        proc = subprocess.run([script, "start"], capture_output=True, text=True)
         assert proc.returncode == 0, proc.stderr
+        started = not was_running
     require(conf.is_file() and shutil.which("sbatch") is not None,
             "a SLURM cluster (run the tests as root, or start tools/local_slurm.sh as root)")
-    return {**os.environ, "SLURM_CONF": str(conf)}
+    yield {**os.environ, "SLURM_CONF": str(conf)}
+    if started:
+        subprocess.run([script, "stop"], capture_output=True)
 
 
 def _tiny_config(path: Path, run_dir: Path, fmnist_root: Path) -> Path:
@@ -226,3 +233,27 @@ def test_submitit_preemption_resumes_to_the_same_weights(
     final, reference = _final_weights(run_dir), _final_weights(straight)
     for name, value in reference.items():
         assert torch.equal(final[name], value), name
+
+
+HANG = """
+import sys, time, torch, torch.distributed as dist
+from dis_dist.dist.env import init_distributed
+env = init_distributed("ddp", "cpu", timeout_min=float(sys.argv[1]))
+if env.rank == 1:
+    time.sleep(120)  # never joins the collective
+dist.all_reduce(torch.ones(1))
+"""
+
+
+def test_a_hung_collective_fails_within_the_timeout(tmp_path: Path) -> None:
+    script = tmp_path / "hang.py"
+    script.write_text(HANG)
+    start = time.monotonic()
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=0", str(script), "0.1"],
+        env={**os.environ, "PYTHONPATH": str(ROOT)}, capture_output=True, text=True, timeout=150,
+    )
+    elapsed = time.monotonic() - start
+    assert proc.returncode != 0
+    assert "Timed out" in proc.stderr or "timed out" in proc.stderr.lower(), proc.stderr[-3000:]
+    assert elapsed < 100  # the 6 s collective timeout, not rank 1's 120 s sleep
