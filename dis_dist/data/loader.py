@@ -10,6 +10,7 @@ from torch import Tensor
 
 from dis_dist.data.base import ImageDataset
 from dis_dist.errors import DataError
+from dis_dist.utils.seeding import mix_seed
 
 log = logging.getLogger(__name__)
 
@@ -54,10 +55,7 @@ class BatchLoader:
         return len(self.class_names)
 
     def _generator(self, *key: int) -> torch.Generator:
-        seed = self.seed
-        for k in key:
-            seed = (seed * 1_000_003 + k) % (2**63 - 1)
-        return torch.Generator().manual_seed(seed)
+        return torch.Generator().manual_seed(mix_seed(self.seed, *key))
 
     def _epoch_order(self) -> Tensor:
         if self._order is None:

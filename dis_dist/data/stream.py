@@ -27,6 +27,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from dis_dist.data import fs
 from dis_dist.data.shards import Manifest, load_manifest, load_shard, npy_array, read_shard
 from dis_dist.errors import DataError
+from dis_dist.utils.seeding import mix_seed
 
 log = logging.getLogger(__name__)
 
@@ -47,13 +48,6 @@ class StreamSpec:
     options: dict[str, Any] = field(default_factory=dict)  # fsspec storage options
 
 
-def _mix(*parts: int) -> int:
-    h = 0
-    for p in parts:
-        h = (h * 1_000_003 + p) % (2**63 - 1)
-    return h
-
-
 class ShardStream(IterableDataset):
     """Yields (x float32 (B, C, H, W), labels (B,), shard errors seen by this worker so far)."""
 
@@ -64,7 +58,7 @@ class ShardStream(IterableDataset):
     # -- which shards, in which order ---------------------------------------------------------
     def shards_for(self, epoch: int, worker: int, workers: int) -> list[int]:
         order = list(range(len(self.manifest.shards)))
-        random.Random(_mix(self.spec.seed, epoch)).shuffle(order)
+        random.Random(mix_seed(self.spec.seed, epoch)).shuffle(order)
         return order[self.spec.rank :: self.spec.world_size][worker::workers]
 
     def _locate(self, samples: int, worker: int, workers: int) -> tuple[int, int]:
@@ -79,7 +73,7 @@ class ShardStream(IterableDataset):
     # -- reading ------------------------------------------------------------------------------
     def _raw_epoch(self, epoch: int, worker: int, workers: int, errors: list[int]) -> Iterator[dict]:
         spec = self.spec
-        rng = random.Random(_mix(spec.seed, epoch, spec.rank, worker, 7))
+        rng = random.Random(mix_seed(spec.seed, epoch, spec.rank, worker, 7))
         buffer: list[dict] = []
         for index in self.shards_for(epoch, worker, workers):
             info = self.manifest.shards[index]
@@ -146,7 +140,7 @@ class ShardStream(IterableDataset):
                     continue
                 raws.append(raw)
                 if len(raws) == batch_size:
-                    generator = torch.Generator().manual_seed(_mix(spec.seed, spec.rank, worker, batch_index))
+                    generator = torch.Generator().manual_seed(mix_seed(spec.seed, spec.rank, worker, batch_index))
                     x, y = self._batch(raws, generator)
                     yield x, y, errors[0]
                     raws, batch_index = [], batch_index + 1

@@ -32,18 +32,12 @@ from dis_dist.train.lr import lr_factor
 from dis_dist.train.metrics import RunLogger, format_duration, peak_flops, peak_memory_gb
 from dis_dist.train.preemption import StopRequest
 from dis_dist.utils.images import make_grid, save_png, to_uint8
+from dis_dist.utils.seeding import mix_seed
 
 log = logging.getLogger("dis_dist.train")
 
 # Model config keys that change the parameters: a checkpoint only resumes a run that agrees.
 ARCHITECTURE_KEYS = ("name", "conditional", "learn_sigma")
-
-
-def _mix(*parts: int) -> int:
-    seed = 0
-    for part in parts:
-        seed = (seed * 1_000_003 + part) % (2**63 - 1)
-    return seed
 
 
 def seed_everything(seed: int) -> None:
@@ -109,7 +103,7 @@ class Trainer:
         self.num_params = sum(p.numel() for p in model.parameters())
         # Training FLOPs per image (forward + backward = 3x forward), for MFU.
         self.flops_per_image = 3 * model_flops(**self.model_spec).total
-        seed_everything(cfg.train.seed + self.env.rank)  # per-rank noise, timesteps, dropout
+        seed_everything(cfg.train.seed + self.env.rank)  # per-rank label and path dropout
         diff = cfg.diffusion
         self.diffusion = create_diffusion(
             num_steps=diff.num_steps, schedule=diff.schedule, learn_sigma=cfg.model.learn_sigma
@@ -199,7 +193,7 @@ class Trainer:
             set_rng_state(torch.load(rng_file, weights_only=False))
         else:  # resumed on more ranks than were saved
             log.warning("%s has no RNG state for rank %d: it is seeded afresh", path, self.env.rank)
-            seed_everything(_mix(self.cfg.train.seed, self.env.rank, self.step))
+            seed_everything(mix_seed(self.cfg.train.seed, self.env.rank, self.step))
         if state.get("world_size", 1) != self.env.world_size:
             log.warning("checkpoint written by %d rank(s), resumed on %d: model-internal randomness "
                         "(label and path dropout) differs from an uninterrupted run from here on",
@@ -246,7 +240,7 @@ class Trainer:
         """Timesteps and noise of one micro-batch, drawn from its place in the global batch: a
         run computes the same thing whatever its number of ranks (for the same micro-batch)."""
         chunk = (self.step * self.accum + micro) * self.env.world_size + self.env.rank
-        gen = torch.Generator(self.env.device).manual_seed(_mix(self.cfg.train.seed, chunk))
+        gen = torch.Generator(self.env.device).manual_seed(mix_seed(self.cfg.train.seed, chunk))
         t = torch.randint(0, self.diffusion.num_timesteps, (x.shape[0],), device=x.device, generator=gen)
         return t, torch.randn(x.shape, device=x.device, generator=gen)
 
