@@ -227,7 +227,8 @@ def test_submitit_preemption_resumes_to_the_same_weights(
     job._interrupt()  # preemption: SIGTERM, then USR2
     results = job.results()
     assert [r["step"] for r in results] == [STEPS, STEPS], results
-    assert int(_job(slurm_env, job.job_id).get("Restarts", "0")) >= 1
+    info = _wait(slurm_env, job.job_id, {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT"}, 120)
+    assert info["JobState"] == "COMPLETED" and int(info.get("Restarts", "0")) >= 1, info
     log = "".join(f.read_text() for f in (tmp_path / "submitit").rglob("*.err"))
     assert re.search(r"stopped at step \d+ \(SIG", log), log[-3000:]  # saved before requeueing
     final, reference = _final_weights(run_dir), _final_weights(straight)

@@ -75,7 +75,9 @@ start() {
   fi
   write_conf
   export SLURM_CONF=$CONF
-  running "$STATE/run/slurmctld.pid" || slurmctld -f "$CONF"
+  # -c: a fresh controller forgets the jobs of an earlier start (a job it believed running
+  # would hold the node until its time limit).
+  running "$STATE/run/slurmctld.pid" || slurmctld -c -f "$CONF"
   running "$STATE/run/slurmd.pid" || slurmd -f "$CONF"
   for _ in $(seq 60); do
     if sinfo -h -o %T 2>/dev/null | grep -qE '^(idle|mixed|allocated)'; then
