@@ -5,7 +5,8 @@ precision. Errors are relative to the scale of each tensor: max|backend - refere
 max|reference|. Documented tolerances (README): fp32 <= 1e-5, bf16 inputs <= 2e-2.
 
 The triton backend runs under Triton's interpreter on CPU (TRITON_INTERPRET=1, set by conftest
-when no GPU is present) with small shapes.
+when no GPU is present) with small shapes. On a GPU machine the backend comparisons (``_compare``)
+run on the GPU, the reference staying on the CPU (tools/gpu_check.sh).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from dis_dist.ops.selective_scan import bidirectional_selective_scan, selective_
 from tests.conftest import require
 
 F64 = torch.float64
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")  # where _compare runs backends
 TOLERANCE = {torch.float32: 1e-5, torch.bfloat16: 2e-2, torch.float64: 1e-10}
 CHUNK = 8  # the chunk size these tests run with; L below covers T-1, T, T+1 and non-multiples
 LENGTHS = [1, 7, CHUNK - 1, CHUNK, CHUNK + 1, 258, pytest.param(1025, marks=pytest.mark.slow)]
@@ -55,12 +57,13 @@ def _cast(t: dict, dtype: torch.dtype) -> dict:
             out[k] = None
             continue
         target = torch.float32 if (dtype == torch.bfloat16 and k in _PARAMS) else dtype
-        out[k] = v.to(target).requires_grad_()
+        out[k] = v.to(device=DEVICE, dtype=target).requires_grad_()
     return out
 
 
 def _rel(a: torch.Tensor, ref: torch.Tensor) -> float:
-    return float((a.detach().double() - ref.detach()).abs().max() / ref.detach().abs().max().clamp_min(1e-30))
+    a, ref = a.detach().double().cpu(), ref.detach().cpu()
+    return float((a - ref).abs().max() / ref.abs().max().clamp_min(1e-30))
 
 
 def _compare(backend, dtype, L, *, chunk=CHUNK, softplus=True, with_zd=True, large_decay=False,
@@ -68,7 +71,7 @@ def _compare(backend, dtype, L, *, chunk=CHUNK, softplus=True, with_zd=True, lar
     base = _inputs(b, d, L, N, large_decay=large_decay, with_zd=with_zd)
     low = _cast(base, dtype)
     # The reference sees exactly the values the backend sees (after rounding to its dtype).
-    ref = {k: (None if v is None else v.detach().double().requires_grad_()) for k, v in low.items()}
+    ref = {k: (None if v is None else v.detach().cpu().double().requires_grad_()) for k, v in low.items()}
     kw = dict(delta_softplus=softplus, return_last_state=True)
     y_ref, last_ref = selective_scan(**ref, **kw, backend="reference")
     extra = {"chunk_size": chunk} if backend in ("chunked", "triton") else {}
@@ -84,7 +87,7 @@ def _compare(backend, dtype, L, *, chunk=CHUNK, softplus=True, with_zd=True, lar
     names = [n for n in NAMES if low[n] is not None]
     g_ref = torch.autograd.grad((y_ref * gy).sum() + (last_ref * gl).sum(), [ref[n] for n in names])
     g_low = torch.autograd.grad(
-        (y.double() * gy).sum() + (last.double() * gl).sum(), [low[n] for n in names]
+        (y.double() * gy.to(y.device)).sum() + (last.double() * gl.to(y.device)).sum(), [low[n] for n in names]
     )
     for name, a, r in zip(names, g_low, g_ref):
         assert a.dtype == low[name].dtype, name
