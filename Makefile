@@ -10,6 +10,8 @@ DEV_STAMP := $(VENV)/.installed-dev
 export TORCHINDUCTOR_CACHE_DIR ?= $(CURDIR)/.cache/inductor
 # DeepSpeed's JIT-built ops (about a minute to build once).
 export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/.cache/torch_extensions
+# Reference statistics of evaluations (tools/fid.py, eval.*), computed once per reference.
+export DIS_DIST_CACHE ?= $(CURDIR)/.cache/dis_dist
 
 .PHONY: venv venv-dev demo test test-fast lint clean apt
 
@@ -42,11 +44,13 @@ apt:
 
 DEMO_CACHE ?= runs/data/fmnist-pixels32
 
-# The whole pipeline: Fashion-MNIST -> encode (pixel space) -> shards -> train. A rerun skips
-# the finished shards and resumes training from the newest checkpoint.
+# The whole pipeline: Fashion-MNIST -> encode (pixel space) -> shards -> train -> evaluate. A
+# rerun skips the finished shards and the trained classifier, and resumes training from the
+# newest checkpoint.
 demo: venv
 	$(BIN)/python -m dis_dist.data.encode --input /usr/share/datasets/fashion-mnist \
 	  --output $(DEMO_CACHE) --vae pixels --resolution 32 --shard-size 2500 --no-flip
+	$(BIN)/python tools/train_fmnist_classifier.py --out .cache/fmnist_classifier.pt
 	$(BIN)/python -m dis_dist.train --config configs/demo_fmnist.yaml data.url=$(DEMO_CACHE)
 
 test: venv-dev

@@ -91,6 +91,17 @@ class SampleConfig:
 
 
 @dataclass
+class EvalConfig:
+    every: int = 0  # steps between evaluations of the EMA (and one at the end); 0 disables
+    num_samples: int = 1000  # samples per evaluation, class-balanced, drawn with the sample.* settings
+    batch_size: int = 250  # samples per forward pass on one rank
+    features: Literal["inception", "fmnist"] = "inception"  # FID's Inception-v3, or the Fashion-MNIST classifier
+    weights: str = ""  # the network's file (inception default: torch hub cache; fmnist: .cache/fmnist_classifier.pt)
+    reference: str = ""  # ADM reference .npz, statistics .npz, image folder/shards, or Fashion-MNIST's directory
+    precision_recall: bool = True  # also improved precision/recall (k-NN against the reference features)
+
+
+@dataclass
 class CheckpointConfig:
     every: int = 5000  # steps between checkpoints; 0 saves only at the end
     keep_last: int = 3  # complete checkpoints kept; older ones are deleted
@@ -123,6 +134,7 @@ class RunConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     sample: SampleConfig = field(default_factory=SampleConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     log: LogConfig = field(default_factory=LogConfig)
     dist: DistConfig = field(default_factory=DistConfig)
@@ -308,6 +320,10 @@ def validate(cfg: RunConfig, world_size: int = 1) -> None:
         raise ConfigError("data.num_workers must be >= 0 and data.shuffle_buffer >= 1")
     if cfg.train.activation_checkpointing < 0:
         raise ConfigError(f"train.activation_checkpointing must be >= 0, got {cfg.train.activation_checkpointing}")
+    if cfg.eval.every < 0 or cfg.eval.num_samples < 2 or cfg.eval.batch_size < 1:
+        raise ConfigError("eval.every must be >= 0, eval.num_samples >= 2 and eval.batch_size >= 1")
+    if cfg.eval.every and not cfg.eval.reference:
+        raise ConfigError("eval.every > 0 needs eval.reference: the images (or statistics) to compare samples with")
     dist = cfg.dist
     if dist.timeout_min <= 0:
         raise ConfigError(f"dist.timeout_min must be positive, got {dist.timeout_min}")

@@ -7,6 +7,7 @@ DeepSpeed): ``require`` fails it instead, so a green CI run means everything rea
 from __future__ import annotations
 
 import os
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -16,6 +17,8 @@ IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
 # Most tests run the chunked scan eagerly (same results, no compile per test shape);
 # tests of the compiled path set it themselves.
 os.environ.setdefault("DIS_SCAN_COMPILE", "0")
+# Cached reference statistics of evaluations go to a directory of this session, not ~/.cache.
+os.environ.setdefault("DIS_DIST_CACHE", tempfile.mkdtemp(prefix="dis_dist_test_cache_"))
 # Without a GPU the triton backend is tested under Triton's interpreter; it must be set before
 # the kernels are defined (at import).
 if not torch.cuda.is_available():
@@ -39,6 +42,18 @@ def fmnist_root() -> Path:
         "Fashion-MNIST (apt-get install dataset-fashion-mnist)",
     )
     return FMNIST_ROOT
+
+
+@pytest.fixture(scope="session")
+def classifier(tmp_path_factory: pytest.TempPathFactory, fmnist_root: Path) -> Path:
+    """A Fashion-MNIST classifier trained briefly (8,000 images, one epoch, ~10 s): enough to
+    tell the classes apart."""
+    from dis_dist.eval.classifier import train_classifier
+
+    path = tmp_path_factory.mktemp("classifier") / "fmnist_classifier.pt"
+    accuracy = train_classifier(path, fmnist_root, epochs=1, limit=8000)
+    assert accuracy > 0.75, accuracy
+    return path
 
 
 @pytest.fixture(autouse=True)

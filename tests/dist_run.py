@@ -33,7 +33,7 @@ def run(scenario: dict) -> None:
     dist.all_gather_object(numel, strategy.local_numel())
     if trainer.env.is_main:
         torch.save({"model": raw, "ema": ema, "loss": result.final_loss, "numel": numel,
-                    "step": result.step}, scenario["out"])
+                    "step": result.step, "metrics": result.metrics}, scenario["out"])
 
 
 def main(spec_path: str) -> None:

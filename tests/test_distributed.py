@@ -53,15 +53,18 @@ BF16 = {
 pytestmark = pytest.mark.slow
 
 
-def overrides(run_dir: Path, fmnist_root: Path, *extra: str) -> list[str]:
+def overrides(run_dir: Path, fmnist_root: Path, classifier: Path, *extra: str) -> list[str]:
     # No label or path dropout: their draws are per-rank randomness, the rest is per-sample.
+    # An evaluation at the end: its samples are drawn by every rank and scored on rank 0.
     return [
         f"run_dir={run_dir}", f"data.root={fmnist_root}", "model.name=DiS-T/8",
         "model.class_dropout_prob=0", "model.drop_path_rate=0",
         f"train.steps={STEPS}", "train.global_batch=8", "train.micro_batch=4", "train.ema_decay=0.8",
         "optim.lr=1e-3", "optim.warmup_steps=2", "optim.schedule=cosine", "optim.weight_decay=0.01",
         "optim.grad_clip=0.5", "sample.every=0", "sample.num=4", "sample.steps=2",
-        "checkpoint.every=3", "log.every=2", *extra,
+        "checkpoint.every=3", "log.every=2", f"eval.every={STEPS}", "eval.features=fmnist",
+        f"eval.weights={classifier}", f"eval.reference={fmnist_root}", "eval.num_samples=8", "eval.batch_size=4",
+        *extra,
     ]
 
 
@@ -92,33 +95,36 @@ def rel_error(a: dict, b: dict) -> float:
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory: pytest.TempPathFactory, fmnist_root: Path) -> dict:
+def runs(tmp_path_factory: pytest.TempPathFactory, fmnist_root: Path, classifier: Path) -> dict:
     """Every scenario's output: 2-rank runs (straight and stopped/resumed), single-process
     references, and 1-rank runs of the memory baselines and the FSDP resume at world size 1."""
     require(importlib.util.find_spec("deepspeed") is not None, "DeepSpeed (pip install deepspeed)")
     tmp = tmp_path_factory.mktemp("dist")
     two = []
     for name, extra in {**STRATEGIES, **VARIANTS, **BF16}.items():
-        two.append({"overrides": overrides(tmp / name, fmnist_root, *extra), "out": str(tmp / f"{name}.pt")})
+        two.append({"overrides": overrides(tmp / name, fmnist_root, classifier, *extra),
+                    "out": str(tmp / f"{name}.pt")})
     for name in STRATEGIES:
-        two.append({"overrides": overrides(tmp / f"{name}_resumed", fmnist_root, *STRATEGIES[name]),
+        two.append({"overrides": overrides(tmp / f"{name}_resumed", fmnist_root, classifier, *STRATEGIES[name]),
                     "stop_at": STEPS // 2, "out": str(tmp / f"{name}_resumed.pt")})
     torchrun(tmp, two, nproc=2)
 
     # A copy of the 2-rank FSDP run, resumed by one rank: it loads step 6 and trains no further.
     shutil.copytree(tmp / "fsdp", tmp / "fsdp_world1")
     one = [
-        {"overrides": overrides(tmp / name, fmnist_root, *STRATEGIES[base]), "out": str(tmp / f"{name}.pt")}
+        {"overrides": overrides(tmp / name, fmnist_root, classifier, *STRATEGIES[base]),
+         "out": str(tmp / f"{name}.pt")}
         for name, base in [("fsdp_world1", "fsdp"), ("zero3_world1", "zero3")]
     ]
     torchrun(tmp, one, nproc=1)
 
     out = {p.stem: torch.load(p, weights_only=False) for p in tmp.glob("*.pt")}
-    single = Trainer(load_config(None, overrides(tmp / "single", fmnist_root)))
+    single = Trainer(load_config(None, overrides(tmp / "single", fmnist_root, classifier)))
     result = single.fit()
     out["single"] = {
         "model": single.strategy.full_state_dict(ema=False), "ema": single.strategy.full_state_dict(ema=True),
         "loss": result.final_loss, "numel": [single.strategy.local_numel()], "step": result.step,
+        "metrics": result.metrics,
     }
     out["dirs"] = tmp
     return out
@@ -135,6 +141,17 @@ def test_strategy_matches_single_process(runs: dict, strategy: str) -> None:
     # Training moved the weights: the comparison is not between two initialisations.
     init = build_model("DiS-T/8", input_size=32, in_channels=1, num_classes=10)
     assert rel_error(got["model"], {k: v for k, v in init.state_dict().items()}) > 1e-3
+
+
+@pytest.mark.parametrize("strategy", list(STRATEGIES))
+def test_evaluation_matches_single_process(runs: dict, strategy: str) -> None:
+    """Two ranks draw half the evaluation samples each (from every strategy's EMA, broadcast
+    where it is sharded); rank 0 scores all of them: the single process's metrics."""
+    got, ref = runs[strategy]["metrics"], runs["single"]["metrics"]
+    assert set(ref) == {"fd", "accuracy", "precision", "recall"}
+    assert got.keys() == ref.keys()
+    for key in ref:
+        assert got[key] == pytest.approx(ref[key], rel=1e-4, abs=1e-6), key
 
 
 @pytest.mark.parametrize("strategy", list(STRATEGIES))

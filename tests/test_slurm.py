@@ -18,6 +18,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import yaml
@@ -139,6 +140,33 @@ def test_sbatch_trains_and_leaves_events_and_checkpoints(straight: Path) -> None
     assert list(straight.glob("events.out.tfevents.*"))
     assert (straight / "samples.png").is_file()
     assert list((straight / "logs").glob("*-node0.log"))
+
+
+def test_sbatch_samples_like_one_local_process(straight: Path, slurm_env: dict[str, str], tmp_path: Path) -> None:
+    """slurm/sample.sbatch with 2 processes draws exactly the samples of one local process."""
+    args = ["--batch-size", "4", "--steps", "3", "--cfg-scale", "1.5"]
+    job_env = {**slurm_env, "MODEL": str(straight), "OUT": str(tmp_path / "cluster"), "NUM_SAMPLES": "10",
+               "ARGS": " ".join(args), "VENV": str(Path(sys.executable).parents[1]), "NPROC_PER_NODE": "2",
+               "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(
+        ["sbatch", "--parsable", "--nodes=1", "--cpus-per-task=2", "--gpus-per-node=0", "--time=10",
+         str(ROOT / "slurm" / "sample.sbatch")],
+        cwd=tmp_path, env=job_env, capture_output=True, text=True,
+    )
+    assert proc.returncode == 0, proc.stderr
+    job = proc.stdout.strip().split(";")[0]
+    local = subprocess.run(
+        [sys.executable, str(ROOT / "tools" / "sample.py"), str(straight), "--out", str(tmp_path / "local"),
+         "--num-samples", "10", *args],
+        env={**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}, capture_output=True, text=True,
+    )
+    assert local.returncode == 0, local.stderr[-3000:]
+    info = _wait(slurm_env, job, {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL"}, 300)
+    log = tmp_path / f"slurm-dis-sample-{job}.out"
+    assert info["JobState"] == "COMPLETED", (info, log.read_text() if log.is_file() else "")
+    cluster, alone = (np.load(tmp_path / d / "samples.npz") for d in ("cluster", "local"))
+    assert cluster["arr_0"].shape == (10, 32, 32, 3)
+    assert np.array_equal(cluster["arr_0"], alone["arr_0"]) and np.array_equal(cluster["arr_1"], alone["arr_1"])
 
 
 @pytest.mark.parametrize("how", ["requeue", "usr1"])

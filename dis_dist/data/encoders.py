@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from contextlib import nullcontext
 
 import numpy as np
@@ -85,32 +86,41 @@ def build_encoder(vae: str, revision: str | None, kind: str, device: torch.devic
     return VAEEncoder(vae, revision, kind, device, precision)
 
 
-def display_decoder(vae: str, scaling_factor: float, device: torch.device):  # noqa: ANN201
-    """latents -> images in [-1, 1] for sample grids: the identity for pixel caches, the VAE's
-    decoder otherwise (or, when that VAE cannot be loaded here, the first channels rescaled,
-    with one warning)."""
+def latent_decoder(vae: str, scaling_factor: float, device: torch.device) -> Callable[[Tensor], Tensor]:
+    """latents -> images in [-1, 1]: the identity for pixel caches, else the VAE's decoder (an
+    AutoencoderKL hub id or local directory; DataError when it cannot be loaded here)."""
     if vae == "pixels":
         return lambda z: z
-    import logging
-
     try:
         from diffusers import AutoencoderKL
 
         model = AutoencoderKL.from_pretrained(vae).to(device).eval()
-    except Exception as e:  # no diffusers, no weights offline: grids still show something
-        logging.getLogger(__name__).warning(
-            "cannot load the VAE %r to decode sample grids (%s); showing raw latent channels", vae, e
-        )
-
-        def raw(z: Tensor) -> Tensor:
-            z = z[:, :3]
-            return (z - z.amin(dim=(1, 2, 3), keepdim=True)) / (z.amax(dim=(1, 2, 3), keepdim=True)
-                                                                - z.amin(dim=(1, 2, 3), keepdim=True) + 1e-6) * 2 - 1
-
-        return raw
+    except Exception as e:  # no diffusers, no weights offline
+        raise DataError(
+            f"cannot load the VAE {vae!r} to decode latents ({type(e).__name__}: {e}); install diffusers "
+            f"and give a local directory holding its config.json and weights, or a hub id reachable from here"
+        ) from None
 
     @torch.inference_mode()
     def decode(z: Tensor) -> Tensor:
         return model.decode(z.to(device, next(model.parameters()).dtype) / scaling_factor).sample.float()
 
     return decode
+
+
+def display_decoder(vae: str, scaling_factor: float, device: torch.device) -> Callable[[Tensor], Tensor]:
+    """:func:`latent_decoder` for sample grids: when the VAE cannot be loaded here, the first
+    latent channels rescaled, with one warning, so grids still show something."""
+    try:
+        return latent_decoder(vae, scaling_factor, device)
+    except DataError as e:
+        import logging
+
+        logging.getLogger(__name__).warning("%s; sample grids show raw latent channels", e)
+
+    def raw(z: Tensor) -> Tensor:
+        z = z[:, :3]
+        low, high = z.amin(dim=(1, 2, 3), keepdim=True), z.amax(dim=(1, 2, 3), keepdim=True)
+        return (z - low) / (high - low + 1e-6) * 2 - 1
+
+    return raw

@@ -17,6 +17,8 @@ from torch import Tensor
 from dis_dist.diffusion.losses import discretized_gaussian_log_likelihood, mean_flat, normal_kl
 
 Model = Callable[..., Tensor]
+# One generator for the whole batch, or one per sample.
+Generators = torch.Generator | list[torch.Generator] | None
 
 
 @dataclass
@@ -183,7 +185,14 @@ class GaussianDiffusion:
         return terms
 
     # -- sampling -----------------------------------------------------------------------
-    def _noise(self, shape: tuple[int, ...], like: Tensor, generator: torch.Generator | None) -> Tensor:
+    def _noise(self, shape: tuple[int, ...], like: Tensor, generator: Generators) -> Tensor:
+        """Gaussian noise of ``shape``; with a list of generators, one per sample (row), so each
+        sample's noise depends on its own generator only, not on the batch it is drawn in."""
+        if isinstance(generator, (list, tuple)):
+            if len(generator) != shape[0]:
+                raise ValueError(f"{len(generator)} generators for a batch of {shape[0]}")
+            rows = [torch.randn(shape[1:], generator=g, device=g.device) for g in generator]
+            return torch.stack(rows).to(like.device, like.dtype)
         gen_device = generator.device if generator is not None else like.device
         return torch.randn(shape, generator=generator, device=gen_device).to(like.device, like.dtype)
 
@@ -196,7 +205,7 @@ class GaussianDiffusion:
         model_kwargs: dict | None = None,
         clip_denoised: bool = False,
         device: torch.device | str = "cpu",
-        generator: torch.Generator | None = None,
+        generator: Generators = None,
         eta: float | None = None,
     ) -> Iterator[Tensor]:
         """Yield x_{t-1} for t = T-1..0: ancestral DDPM when ``eta`` is None, DDIM otherwise."""

@@ -9,7 +9,7 @@ from typing import Literal
 import torch
 from torch import Tensor
 
-from dis_dist.diffusion.gaussian import GaussianDiffusion
+from dis_dist.diffusion.gaussian import GaussianDiffusion, Generators
 from dis_dist.diffusion.guidance import guided_model
 
 
@@ -26,10 +26,11 @@ def sample(
     cfg_scale: float = 1.0,
     cfg_channels: str = "all",
     clip_denoised: bool = False,
-    generator: torch.Generator | None = None,
+    generator: Generators = None,
 ) -> Tensor:
     """x_0 from x_T = ``noise``. ``labels`` None means an unconditional model. Randomness
-    after x_T comes from ``generator`` only, so a fixed generator gives fixed samples."""
+    after x_T comes from ``generator`` only, so a fixed generator gives fixed samples (a list
+    of generators, one per sample, makes each sample independent of its batch)."""
     kwargs: dict = {}
     if labels is not None:
         if null_class is None:

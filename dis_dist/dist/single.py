@@ -53,8 +53,9 @@ class SingleDeviceStrategy(Strategy):
         source = self._ema if ema else self.module
         return {k: v.detach().float().cpu() for k, v in source.state_dict().items()}
 
-    def ema_model(self) -> nn.Module | None:
-        return self._ema if self.env.is_main else None
+    def ema_model(self, all_ranks: bool = False) -> nn.Module | None:
+        # Every rank holds the same EMA (the same initial weights, the same averaged gradients).
+        return self._ema if self.env.is_main or all_ranks else None
 
     def save(self, directory: Path) -> None:
         if self.env.is_main:

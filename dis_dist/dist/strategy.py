@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 from torch import Tensor, nn
 
 from dis_dist.config import RunConfig
@@ -98,13 +99,18 @@ class Strategy(ABC):
     def full_state_dict(self, ema: bool = True) -> dict[str, Tensor] | None:
         """Collective. The whole EMA (or raw) weights as fp32 CPU tensors on rank 0; None elsewhere."""
 
-    def ema_model(self) -> nn.Module | None:
-        """Collective. A module with the whole EMA weights on rank 0, in eval mode; None elsewhere."""
+    def ema_model(self, all_ranks: bool = False) -> nn.Module | None:
+        """Collective. A module with the whole EMA weights, in eval mode, on rank 0 (None
+        elsewhere), or with ``all_ranks`` on every rank (broadcast from rank 0)."""
         state = self.full_state_dict(ema=True)
-        if state is None:
+        if state is None and not all_ranks:
             return None
         module = copy.deepcopy(self._template).to_empty(device=self.env.device)
-        module.load_state_dict(state)
+        if state is not None:
+            module.load_state_dict(state)
+        if all_ranks and self.env.distributed:
+            for tensor in module.state_dict().values():
+                dist.broadcast(tensor, src=0)
         return module.eval().requires_grad_(False)
 
     @abstractmethod

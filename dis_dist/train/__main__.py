@@ -54,6 +54,12 @@ def main(argv: list[str] | None = None) -> int:
     )
     if result.samples_png is not None:
         print(f"samples: {result.samples_png}")
+    if result.metrics:
+        from dis_dist.eval.fid import METRIC_NAMES
+
+        print(f"evaluation of {cfg.eval.num_samples} EMA samples against {cfg.eval.reference}:")
+        for key, value in result.metrics.items():
+            print(f"  {METRIC_NAMES[key]}: {value:.4f}")
     return 0
 
 

@@ -17,6 +17,7 @@ import warnings
 from pathlib import Path
 
 import torch
+import yaml
 from torch import Tensor
 
 from dis_dist.errors import CheckpointError, DisDistError
@@ -33,6 +34,7 @@ the keyword arguments in config.json and safetensors' load_file."""
 WEIGHTS_FILE = "model.safetensors"
 CONFIG_FILE = "config.json"
 BUILD_KEYS = ("name", "input_size", "in_channels", "num_classes", "learn_sigma")
+DEFAULT_DIFFUSION = {"num_steps": 1000, "schedule": "linear"}
 
 
 def _from_dcp(directory: Path, prefix: str) -> dict[str, Tensor]:
@@ -106,13 +108,48 @@ def export_checkpoint(checkpoint: str | Path, out_dir: str | Path, ema: bool = T
 
 def load_exported(directory: str | Path, device: str | torch.device = "cpu", **model_kwargs: object) -> DiS:
     """The model of an exported directory, in eval mode (``model_kwargs`` go to build_model)."""
+    return load_model(directory, device=device, **model_kwargs)[0]
+
+
+def resolve_checkpoint(path: str | Path) -> Path:
+    """A checkpoint directory as is; a run directory -> its newest complete checkpoint."""
+    path = Path(path)
+    if (path / "checkpoints").is_dir():
+        latest = CheckpointManager(path / "checkpoints", keep_last=1).latest()
+        if latest is None:
+            raise CheckpointError(f"run directory {str(path)!r} has no complete checkpoint")
+        return latest
+    return path
+
+
+def load_model(
+    path: str | Path, *, ema: bool = True, device: str | torch.device = "cpu", **model_kwargs: object
+) -> tuple[DiS, dict]:
+    """The model of an exported directory, a checkpoint or a run directory (its newest
+    checkpoint; EMA weights unless ``ema=False``), in eval mode, and its description: what
+    build_model takes, plus ``vae``, ``scaling_factor``, ``class_names`` and ``diffusion``
+    (num_steps and schedule; DiS's 1000-step linear one where the files predate it)."""
     from safetensors.torch import load_file
 
-    directory = Path(directory)
-    info = json.loads((directory / CONFIG_FILE).read_text())
+    path = Path(path)
+    if (path / CONFIG_FILE).is_file() and (path / WEIGHTS_FILE).is_file():
+        info = json.loads((path / CONFIG_FILE).read_text())
+        state = load_file(str(path / WEIGHTS_FILE))
+    else:
+        path = resolve_checkpoint(path)
+        if not (path / "model.json").is_file():
+            raise CheckpointError(
+                f"{str(path)!r} is neither an exported model (config.json + {WEIGHTS_FILE}) nor a "
+                f"checkpoint with model.json"
+            )
+        info = json.loads((path / "model.json").read_text())
+        if "diffusion" not in info and (path / "config.yaml").is_file():
+            info["diffusion"] = yaml.safe_load((path / "config.yaml").read_text()).get("diffusion")
+        state = load_checkpoint_weights(path, ema=ema)
+    info["diffusion"] = {**DEFAULT_DIFFUSION, **(info.get("diffusion") or {})}
     model = build_model(**{k: info[k] for k in BUILD_KEYS}, **model_kwargs)
-    model.load_state_dict(load_file(str(directory / WEIGHTS_FILE)))
-    return model.to(device).eval()
+    model.load_state_dict(state)
+    return model.to(device).eval(), info
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -123,11 +160,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", required=True, help="output directory")
     p.add_argument("--raw", action="store_true", help="export the raw weights instead of the EMA")
     args = p.parse_args(argv)
-    path = Path(args.checkpoint)
     try:
-        if (path / "checkpoints").is_dir():
-            latest = CheckpointManager(path / "checkpoints", keep_last=1).latest()
-            path = latest if latest is not None else path
+        path = resolve_checkpoint(args.checkpoint)
         weights = export_checkpoint(path, args.out, ema=not args.raw)
     except DisDistError as e:
         print(f"error: {e}", file=sys.stderr)

@@ -8,7 +8,7 @@ import logging
 import random
 import time
 from concurrent.futures import Future
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -24,10 +24,12 @@ from dis_dist.diffusion.sampling import sample
 from dis_dist.dist.env import DistEnv, init_distributed
 from dis_dist.dist.strategy import StepResult, build_strategy
 from dis_dist.errors import CheckpointError, TrainingError
+from dis_dist.eval.fid import format_metrics
 from dis_dist.models import build_model
 from dis_dist.models.flops import model_flops
 from dis_dist.train.checkpoint import CheckpointManager, resolve_resume
 from dis_dist.train.ema import ema_decay_at
+from dis_dist.train.evaluation import Evaluator
 from dis_dist.train.lr import lr_factor
 from dis_dist.train.metrics import RunLogger, format_duration, peak_flops, peak_memory_gb
 from dis_dist.train.preemption import StopRequest
@@ -69,6 +71,7 @@ class FitResult:
     samples_png: Path | None
     images_per_sec: float  # throughput of the last logging window (sample grids, checkpoints excluded)
     stopped: str | None = None  # why training stopped early (a signal or request), after saving
+    metrics: dict[str, float] = field(default_factory=dict)  # of the last evaluation (rank 0)
 
 
 class Trainer:
@@ -129,6 +132,9 @@ class Trainer:
         self.strategy = build_strategy(self.env, cfg, model, self.accum, make_optimizer, make_scheduler)
         self.scheduler = self.strategy.scheduler
         self._decode = None  # latents -> images for sample grids, built on first use
+        self.evaluator = (Evaluator(cfg, self.env, self.model_spec, self.loader.vae, self.loader.scaling_factor)
+                          if cfg.eval.every else None)
+        self.metrics: dict[str, float] = {}  # of the last evaluation
         self.checkpoints = CheckpointManager(
             self.run_dir / "checkpoints", cfg.checkpoint.keep_last, cfg.checkpoint.keep_every
         )
@@ -161,7 +167,9 @@ class Trainer:
                 save_config(self.cfg, directory / "config.yaml")
                 model_info = {**self.model_spec, "strategy": self.strategy.name, "vae": self.loader.vae,
                               "scaling_factor": self.loader.scaling_factor,
-                              "class_names": list(self.loader.class_names)}
+                              "class_names": list(self.loader.class_names),
+                              "diffusion": {"num_steps": self.cfg.diffusion.num_steps,
+                                            "schedule": self.cfg.diffusion.schedule}}
                 (directory / "model.json").write_text(json.dumps(model_info, indent=2))
             return pending
 
@@ -227,6 +235,18 @@ class Trainer:
         if self._decode is None:
             self._decode = display_decoder(self.loader.vae, self.loader.scaling_factor, self.env.device)
         return make_grid(to_uint8(self._decode(images)), ncol=ncol)
+
+    def evaluate(self, logger: RunLogger) -> None:
+        """Collective. Score eval.num_samples EMA samples; log the metrics (rank 0)."""
+        start = time.perf_counter()
+        metrics = self.evaluator(self.strategy.ema_model(all_ranks=True), self.sample_diffusion)
+        if metrics is None:
+            return
+        self.metrics = metrics
+        logger.scalars(self.step, {f"eval/{k}": v for k, v in metrics.items()})
+        logger.flush()
+        log.info("eval at step %d (%d samples vs %s, %.0f s): %s", self.step, self.cfg.eval.num_samples,
+                 self.cfg.eval.reference, time.perf_counter() - start, format_metrics(metrics))
 
     # -- the loop ---------------------------------------------------------------------------
     def _resolve_resume(self, resume: str) -> Path | None:
@@ -304,7 +324,7 @@ class Trainer:
         loss_sums = torch.zeros(3, device=env.device)
         window = {"n": 0, "data": 0.0, "other": 0.0, "start": time.perf_counter()}
         saved_at = self.step if ckpt is not None else -1
-        sampled_at, grid = -1, None
+        sampled_at, grid, evaluated_at = -1, None, -1
         with StopRequest(env, self.run_dir) as stop:
             stop.clear()  # a request left by an earlier job was handled by its save
             while self.step < end_step:
@@ -367,6 +387,9 @@ class Trainer:
                     if grid is not None:
                         logger.image("samples/ema", self.step, grid)
                         logger.flush()
+                if cfg.eval.every and self.step % cfg.eval.every == 0:
+                    self.evaluate(logger)
+                    evaluated_at = self.step
                 if cfg.checkpoint.every and self.step % cfg.checkpoint.every == 0:
                     self.save_checkpoint()
                     saved_at = self.step
@@ -391,8 +414,11 @@ class Trainer:
             if grid is not None:
                 samples_png = self.run_dir / "samples.png"
                 save_png(grid, samples_png, scale=2)
+            if self.evaluator is not None and evaluated_at != self.step:
+                self.evaluate(logger)
         logger.close()
         wall = time.perf_counter() - start
         if env.is_main:
             log.info("done: step %d, loss %.4f, %s", self.step, self.last_loss, format_duration(wall))
-        return FitResult(self.step, self.last_loss, wall, samples_png, self.images_per_sec, self.stopped)
+        return FitResult(self.step, self.last_loss, wall, samples_png, self.images_per_sec, self.stopped,
+                         self.metrics)

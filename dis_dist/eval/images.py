@@ -1,0 +1,94 @@
+"""Sets of uint8 images to evaluate, read in batches: an ADM ``.npz`` (``arr_0``, labels in
+``arr_1``), Fashion-MNIST's IDX directory (its test split, padded to 32 like the demo's data),
+or an image folder / image shards (center-cropped to a resolution, as ADM prepares ImageNet)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from dis_dist.errors import DataError
+from dis_dist.utils.npz import iter_npz, npz_keys, npz_shape
+
+
+@dataclass
+class ImageSet:
+    """``count`` images (None: not known before reading them), ``batches(size)`` yields uint8
+    (n, H, W, C) arrays; labels when known."""
+
+    description: str
+    count: int | None
+    batches: Callable[[int], Iterator[np.ndarray]]
+    labels: np.ndarray | None = None
+
+
+def _npz(path: str, limit: int | None) -> ImageSet:
+    keys = npz_keys(path)
+    if "arr_0" not in keys:
+        raise DataError(f"{path!r} has no arr_0 (images); it holds: {', '.join(keys) or 'nothing'}")
+    shape = npz_shape(path, "arr_0")
+    if len(shape) != 4 or shape[-1] not in (1, 3):
+        raise DataError(f"{path!r}: arr_0 has shape {shape}, expected N x H x W x 3 uint8 images")
+    count = min(shape[0], limit or shape[0])
+    labels = np.load(path)["arr_1"][:count] if "arr_1" in keys else None
+
+    def batches(size: int) -> Iterator[np.ndarray]:
+        seen = 0
+        for batch in iter_npz(path, "arr_0", size):
+            if seen >= count:
+                return
+            yield batch[: count - seen]
+            seen += len(batch)
+
+    return ImageSet(f"{path} ({count} images of {shape[1]}x{shape[2]})", count, batches, labels)
+
+
+def _in_memory(description: str, images: np.ndarray, labels: np.ndarray | None) -> ImageSet:
+    def batches(size: int) -> Iterator[np.ndarray]:
+        for start in range(0, len(images), size):
+            yield images[start : start + size]
+
+    return ImageSet(description, len(images), batches, labels)
+
+
+def open_images(url: str, *, resolution: int | None = None, limit: int | None = None) -> ImageSet:
+    """The images at ``url`` (see the module docstring for the forms)."""
+    from dis_dist.data.sources import center_crop, is_fmnist, open_source
+
+    if url.endswith(".npz"):
+        if not Path(url).is_file():
+            raise DataError(f"{url!r} does not exist")
+        return _npz(url, limit)
+    if is_fmnist(url):
+        from dis_dist.data.fmnist import load_fmnist
+
+        data = load_fmnist(url, "test", 32)
+        images = data.images[:limit].permute(0, 2, 3, 1).numpy()
+        return _in_memory(f"Fashion-MNIST test split at {url} ({len(images)} images)", images,
+                          data.labels[:limit].numpy())
+    if resolution is None:
+        raise DataError(f"{url!r} is an image folder or shards: give the resolution to center-crop to")
+    source = open_source(url, "auto", shard_size=10**9, seed=0)
+    count = sum(source.sizes) if source.sizes else None
+    count = min(count, limit) if count is not None and limit else count or limit
+
+    def batches(size: int) -> Iterator[np.ndarray]:
+        batch, seen = [], 0
+        for unit in source.units:
+            for item in unit():
+                if limit and seen >= limit:
+                    break
+                batch.append(np.asarray(center_crop(item.load().convert("RGB"), resolution)))
+                seen += 1
+                if len(batch) == size:
+                    yield np.stack(batch)
+                    batch = []
+        if batch:
+            yield np.stack(batch)
+        if not seen:
+            raise DataError(f"no images under {url!r}")
+
+    return ImageSet(f"{url} (center-cropped to {resolution})", count, batches)

@@ -1,0 +1,65 @@
+"""Evaluation during training: every ``eval.every`` steps, ``eval.num_samples`` EMA samples,
+drawn by all ranks together (each its share of the batches), scored on rank 0 against the
+reference statistics (computed once, cached)."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch.distributed as dist
+from torch import nn
+
+from dis_dist.config import RunConfig
+from dis_dist.data.encoders import latent_decoder
+from dis_dist.diffusion import GaussianDiffusion
+from dis_dist.dist.env import DistEnv
+from dis_dist.eval.features import build_extractor, reference_stats
+from dis_dist.eval.fid import score
+from dis_dist.eval.generate import SampleSettings, batches_of_rank, generate
+
+VAE_DOWNSAMPLING = 8  # image pixels per latent pixel (the SD VAE), for references stored as images
+
+
+class Evaluator:
+    def __init__(self, cfg: RunConfig, env: DistEnv, model_spec: dict, vae: str, scaling_factor: float) -> None:
+        self.cfg, self.env, self.spec = cfg, env, model_spec
+        ec = cfg.eval
+        self.decode = latent_decoder(vae, scaling_factor, env.device)
+        self.extractor = build_extractor(ec.features, ec.weights or None, env.device)
+        resolution = model_spec["input_size"] * (1 if vae == "pixels" else VAE_DOWNSAMPLING)
+        # Rank 0 scores; it reads (or computes and caches) the reference now, so a wrong path
+        # fails before training starts.
+        self.reference = reference_stats(ec.reference, self.extractor, resolution=resolution,
+                                         batch_size=ec.batch_size) if env.is_main else None
+        sc = cfg.sample
+        self.settings = SampleSettings(
+            sampler=sc.sampler, steps=sc.steps, eta=sc.ddim_eta, cfg_scale=sc.cfg_scale,
+            cfg_channels=sc.cfg_channels, clip_denoised=sc.clip_denoised, seed=sc.seed, labels="balanced",
+        )
+
+    def __call__(self, model: nn.Module, diffusion: GaussianDiffusion) -> dict[str, float] | None:
+        """Collective. The metrics on rank 0, None elsewhere."""
+        ec, env = self.cfg.eval, self.env
+        features: dict[str, list[np.ndarray]] = {}
+        labels: list[np.ndarray] = []
+        for indices in batches_of_rank(ec.num_samples, ec.batch_size, env.rank, env.world_size):
+            images, y = generate(
+                model, diffusion, indices, channels=self.spec["in_channels"], size=self.spec["input_size"],
+                num_classes=self.spec["num_classes"], settings=self.settings, decode=self.decode,
+                device=env.device, bf16=self.cfg.train.precision == "bf16",
+            )
+            for key, value in self.extractor(images).items():
+                features.setdefault(key, []).append(value)
+            if y is not None:
+                labels.append(y)
+        mine = ({k: np.concatenate(v) for k, v in features.items()}, np.concatenate(labels) if labels else None)
+        everyone = [mine]
+        if env.distributed:
+            everyone = [None] * env.world_size
+            dist.all_gather_object(everyone, mine)
+        if not env.is_main:
+            return None
+        parts = [p for p in everyone if len(p[0])]  # a rank with no batch sends nothing
+        merged = {k: np.concatenate([p[0][k] for p in parts]) for k in parts[0][0]}
+        y_all = np.concatenate([p[1] for p in parts]) if parts[0][1] is not None else None
+        return score(merged, self.reference, self.extractor, y_all, ec.precision_recall)
+
