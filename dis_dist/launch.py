@@ -20,7 +20,8 @@ from pathlib import Path
 from typing import Any
 
 from dis_dist.config import load_config
-from dis_dist.errors import ConfigError, DisDistError
+from dis_dist.errors import ConfigError
+from dis_dist.utils.cli import cli_main
 
 
 def _submitit():  # noqa: ANN202
@@ -96,6 +97,7 @@ def submit(
     return job
 
 
+@cli_main
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m dis_dist.launch", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -112,14 +114,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--wait", action="store_true", help="wait for the job and print its result")
     p.add_argument("overrides", nargs="*", help="config overrides, e.g. train.steps=1000")
     args = p.parse_args(argv)
-    try:
-        job = submit(args.config, args.overrides, nodes=args.nodes, gpus_per_node=args.gpus_per_node,
-                     nproc_per_node=args.nproc_per_node, cpus_per_task=args.cpus_per_task,
-                     partition=args.partition, account=args.account, timeout_min=args.timeout_min,
-                     cluster=args.cluster, folder=args.folder)
-    except DisDistError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    job = submit(args.config, args.overrides, nodes=args.nodes, gpus_per_node=args.gpus_per_node,
+                 nproc_per_node=args.nproc_per_node, cpus_per_task=args.cpus_per_task,
+                 partition=args.partition, account=args.account, timeout_min=args.timeout_min,
+                 cluster=args.cluster, folder=args.folder)
     print(f"submitted job {job.job_id}; logs: {job.paths.stdout} (and per task beside it)")
     if args.wait:
         print(job.results())

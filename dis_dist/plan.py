@@ -32,9 +32,10 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from dis_dist.errors import ConfigError, DisDistError
+from dis_dist.errors import ConfigError
 from dis_dist.models.dis import parse_model_name
 from dis_dist.models.flops import count_parameters
+from dis_dist.utils.cli import cli_main
 
 GB = 1e9
 # Bytes kept for backward per (token x width) per block, per sample (measured: tests/test_plan.py).
@@ -220,6 +221,7 @@ def table(model: str, resolution: int, gpus: int, gpu_mem: float, global_batch: 
     return "\n".join(lines)
 
 
+@cli_main
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m dis_dist.plan", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -232,12 +234,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--precision", choices=("bf16", "fp32"), default="bf16")
     p.add_argument("--num-classes", type=int, default=1000)
     args = p.parse_args(argv)
-    try:
-        print(table(args.model, args.resolution, args.gpus, args.gpu_mem, args.global_batch,
-                    args.gpus_per_node, args.precision, args.num_classes))
-    except DisDistError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    print(table(args.model, args.resolution, args.gpus, args.gpu_mem, args.global_batch,
+                args.gpus_per_node, args.precision, args.num_classes))
     return 0
 
 

@@ -24,8 +24,9 @@ from pathlib import Path
 
 import numpy as np
 
-from dis_dist.errors import ConfigError, DisDistError
+from dis_dist.errors import ConfigError, DataError
 from dis_dist.eval.generate import SampleSettings, batches_of_rank, generate
+from dis_dist.utils.cli import cli_main, setup_logging
 
 log = logging.getLogger("dis_dist.sample")
 SETTINGS_FILE = "sampling.json"
@@ -98,7 +99,7 @@ def assemble(out: Path, num: int, batch_size: int, conditional: bool, grid: int)
     parts = [part_path(out, idx) for idx in batches_of_rank(num, batch_size, 0, 1)]
     missing = [p.name for p in parts if not p.is_file()]
     if missing:
-        raise DisDistError(f"{len(missing)} part(s) missing in {out / 'parts'}: {', '.join(missing[:3])}")
+        raise DataError(f"{len(missing)} part(s) missing in {out / 'parts'}: {', '.join(missing[:3])}")
     shape = np.load(parts[0])["images"].shape[1:]
     arrays = {"arr_0": ((num, *shape), np.uint8, (np.load(p)["images"] for p in parts))}
     if conditional:
@@ -128,8 +129,10 @@ def run(args: argparse.Namespace) -> Path | None:
     out = Path(args.out)
     model, info = load_model(args.model, ema=not args.raw, device=env.device, scan_backend=args.scan_backend)
     settings = _settings(args)
-    record = {"model": str(Path(args.model).resolve()), "weights": "raw" if args.raw else "ema",
-              "num": args.num_samples, "batch_size": args.batch_size, **asdict(settings)}
+    # The checkpoint, not only the path: a run directory's newest checkpoint moves on.
+    record = {"model": str(Path(args.model).resolve()), "checkpoint": info.get("checkpoint"),
+              "weights": info.get("weights"), "num": args.num_samples, "batch_size": args.batch_size,
+              **asdict(settings)}
     if env.is_main:
         _check_settings(out, record)
     env.barrier()
@@ -165,20 +168,11 @@ def run(args: argparse.Namespace) -> Path | None:
     return assemble(out, args.num_samples, batch_size, bool(info["num_classes"]), args.grid)
 
 
+@cli_main
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-                        datefmt="%H:%M:%S")
-    try:
-        path = run(args)
-    except DisDistError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    finally:
-        import torch.distributed as dist
-
-        if dist.is_initialized():
-            dist.destroy_process_group()
+    setup_logging()
+    path = run(args)
     if path is not None:
         print(f"{args.num_samples} samples: {path}" + (f"  grid: {Path(args.out) / GRID_FILE}" if args.grid else ""))
     return 0

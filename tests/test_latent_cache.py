@@ -272,6 +272,7 @@ def test_fmnist_pixels_cache_trains(fmnist_root, tmp_path):
     cfg = load_config(ROOT / "configs" / "demo_fmnist.yaml", [
         f"run_dir={tmp_path / 'run'}", f"data.url={cache}", "data.num_workers=2", "train.steps=2",
         "train.global_batch=8", "train.micro_batch=8", "sample.every=0", "sample.num=10", "sample.steps=2",
+        "eval.every=0",
     ])
     fit = Trainer(cfg).fit()
     assert fit.step == 2 and np.isfinite(fit.final_loss) and fit.samples_png.is_file()

@@ -146,7 +146,7 @@ def test_schedules():
 
 
 @pytest.mark.slow
-def test_cli_trains_and_resumes(tmp_path, fmnist_root):
+def test_cli_trains_and_resumes(tmp_path, fmnist_root, classifier):
     import subprocess
     import sys
 
@@ -155,12 +155,15 @@ def test_cli_trains_and_resumes(tmp_path, fmnist_root):
         f"run_dir={tmp_path}", "data.source=fmnist", f"data.root={fmnist_root}", "train.steps=2",
         "train.global_batch=4",
         "train.micro_batch=4", "sample.num=10", "sample.steps=2", "log.every=1",
+        f"eval.weights={classifier}", f"eval.reference={fmnist_root}", "eval.num_samples=10",
     ]
     root = Path(__file__).resolve().parents[1]
     first = subprocess.run(args, capture_output=True, text=True, cwd=root)
     assert first.returncode == 0, first.stderr
     assert f"samples: {tmp_path / 'samples.png'}" in first.stdout and (tmp_path / "samples.png").is_file()
     assert "step 2/2 | loss" in first.stderr
+    # The demo's evaluation at the end, printed last (as `make demo` shows it).
+    assert "evaluation of 10 EMA samples" in first.stdout and "conditional accuracy: " in first.stdout
     again = subprocess.run([*args, "train.steps=3"], capture_output=True, text=True, cwd=root)
     assert again.returncode == 0, again.stderr
     assert "resumed from" in again.stderr and "step 3/3" in again.stderr

@@ -146,7 +146,7 @@ def demo_throughput(backend: str, steps: int) -> float:
     with tempfile.TemporaryDirectory() as tmp:
         cfg = load_config(root / "configs" / "demo_fmnist.yaml", [
             f"run_dir={tmp}", f"model.scan_backend={backend}", f"train.steps={2 * steps}",
-            f"log.every={steps}", "sample.every=0", "checkpoint.every=0",
+            f"log.every={steps}", "sample.every=0", "checkpoint.every=0", "eval.every=0",
         ])
         trainer = Trainer(cfg)
         trainer.fit(resume="none", stop_at_step=2 * steps)

@@ -38,7 +38,8 @@ from dis_dist.data.shards import (
 )
 from dis_dist.data.sources import Item, Source, center_crop, open_source, pad_to
 from dis_dist.dist.env import resolve_device, worker_from_env
-from dis_dist.errors import DataError, DisDistError
+from dis_dist.errors import DataError
+from dis_dist.utils.cli import cli_main, setup_logging
 
 log = logging.getLogger("dis_dist.encode")
 
@@ -170,15 +171,10 @@ def encode(args: argparse.Namespace) -> EncodeResult:
     return result
 
 
+@cli_main
 def main(argv: list[str] | None = None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-                        datefmt="%H:%M:%S")
-    args = parse_args(argv)
-    try:
-        encode(args)
-    except DisDistError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    setup_logging()
+    encode(parse_args(argv))
     return 0
 
 

@@ -16,7 +16,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from dis_dist.data.fmnist import CLASS_NAMES, DEFAULT_ROOT, load_fmnist
-from dis_dist.errors import ConfigError, DisDistError
+from dis_dist.errors import ConfigError
+from dis_dist.utils.cli import cli_main, setup_logging
 
 log = logging.getLogger(__name__)
 DEFAULT_PATH = ".cache/fmnist_classifier.pt"
@@ -123,6 +124,7 @@ def train_classifier(
     return acc
 
 
+@cli_main
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(
         prog="tools/train_fmnist_classifier.py",
@@ -135,17 +137,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--limit", type=int, default=None, help="train on the first N training images only")
     p.add_argument("--force", action="store_true", help="retrain even if --out exists")
     args = p.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-                        datefmt="%H:%M:%S")
+    setup_logging()
     if Path(args.out).is_file() and not args.force:
         saved = torch.load(args.out, map_location="cpu", weights_only=True)
         print(f"classifier already trained: {args.out} (test accuracy {saved['test_accuracy']:.4f}); --force retrains")
         return 0
-    try:
-        acc = train_classifier(args.out, args.root, args.epochs, args.limit)
-    except DisDistError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    acc = train_classifier(args.out, args.root, args.epochs, args.limit)
     print(f"classifier saved to {args.out}: test accuracy {acc:.4f}")
     return 0
 

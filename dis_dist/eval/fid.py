@@ -13,16 +13,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import sys
 from pathlib import Path
 
 import numpy as np
 
-from dis_dist.errors import DisDistError
 from dis_dist.eval.features import FEATURE_KINDS, Extractor, ReferenceStats, build_extractor, extract, reference_stats
 from dis_dist.eval.images import open_images
 from dis_dist.eval.metrics import Gaussian, frechet_distance, inception_score, precision_recall
+from dis_dist.utils.cli import cli_main, setup_logging
 
 # How each metric is printed, in order.
 METRIC_NAMES = {
@@ -54,6 +53,7 @@ def format_metrics(metrics: dict[str, float]) -> str:
     return ", ".join(f"{METRIC_NAMES[k]} {v:.4f}" for k, v in metrics.items())
 
 
+@cli_main
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="tools/fid.py", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -76,27 +76,22 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--no-precision-recall", action="store_true", help="skip precision/recall (k-NN over all pairs)")
     p.add_argument("--json", default=None, help="write the metrics to this JSON file")
     args = p.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-                        datefmt="%H:%M:%S")
+    setup_logging()
     import torch
 
     device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
-    try:
-        extractor = build_extractor(args.features, args.weights, device)
-        samples = open_images(args.samples, resolution=args.resolution, limit=args.limit)
-        first = next(samples.batches(1))
-        print(f"samples: {samples.description}")
-        reference = reference_stats(
-            args.reference, extractor, resolution=args.resolution or first.shape[1], limit=args.limit,
-            cache_dir=args.cache_dir, batch_size=args.batch_size,
-        )
-        if args.save_ref_stats:
-            reference.save(Path(args.save_ref_stats))
-        features = extract(extractor, samples, args.batch_size)
-        metrics = score(features, reference, extractor, samples.labels, not args.no_precision_recall)
-    except DisDistError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    extractor = build_extractor(args.features, args.weights, device)
+    samples = open_images(args.samples, resolution=args.resolution, limit=args.limit)
+    first = next(samples.batches(1))
+    print(f"samples: {samples.description}")
+    reference = reference_stats(
+        args.reference, extractor, resolution=args.resolution or first.shape[1], limit=args.limit,
+        cache_dir=args.cache_dir, batch_size=args.batch_size,
+    )
+    if args.save_ref_stats:
+        reference.save(Path(args.save_ref_stats))
+    features = extract(extractor, samples, args.batch_size)
+    metrics = score(features, reference, extractor, samples.labels, not args.no_precision_recall)
     print(f"{len(features['pool'])} samples against {reference.count} reference images ({extractor.id}):")
     width = max(len(METRIC_NAMES[k]) for k in metrics)
     for key, value in metrics.items():

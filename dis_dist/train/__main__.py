@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
 from pathlib import Path
 
 from dis_dist.config import load_config
-from dis_dist.errors import DisDistError
+from dis_dist.utils.cli import cli_main, setup_logging
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -27,25 +26,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
+@cli_main
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    logging.basicConfig(
-        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S"
-    )
-    try:
-        cfg = load_config(args.config, args.overrides)
-        from dis_dist.train.trainer import Trainer  # after config errors, which need no torch work
+    setup_logging()
+    cfg = load_config(args.config, args.overrides)
+    from dis_dist.train.trainer import Trainer  # after config errors, which need no torch work
 
-        trainer = Trainer(cfg)
-        result = trainer.fit(resume=args.resume)
-    except DisDistError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    finally:
-        import torch.distributed as dist
-
-        if dist.is_initialized():
-            dist.destroy_process_group()
+    trainer = Trainer(cfg)
+    result = trainer.fit(resume=args.resume)
     if not trainer.env.is_main:
         return 0
     print(

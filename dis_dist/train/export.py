@@ -20,9 +20,10 @@ import torch
 import yaml
 from torch import Tensor
 
-from dis_dist.errors import CheckpointError, DisDistError
+from dis_dist.errors import CheckpointError
 from dis_dist.models import DiS, build_model
 from dis_dist.train.checkpoint import CheckpointManager, is_complete
+from dis_dist.utils.cli import cli_main
 
 USAGE = """Export a training checkpoint (any strategy) to model.safetensors + config.json.
 
@@ -127,8 +128,9 @@ def load_model(
 ) -> tuple[DiS, dict]:
     """The model of an exported directory, a checkpoint or a run directory (its newest
     checkpoint; EMA weights unless ``ema=False``), in eval mode, and its description: what
-    build_model takes, plus ``vae``, ``scaling_factor``, ``class_names`` and ``diffusion``
-    (num_steps and schedule; DiS's 1000-step linear one where the files predate it)."""
+    build_model takes, plus ``vae``, ``scaling_factor``, ``class_names``, ``diffusion``
+    (num_steps and schedule; DiS's 1000-step linear one where the files predate it), and the
+    ``checkpoint`` and ``weights`` (ema or raw) the weights come from."""
     from safetensors.torch import load_file
 
     path = Path(path)
@@ -142,7 +144,8 @@ def load_model(
                 f"{str(path)!r} is neither an exported model (config.json + {WEIGHTS_FILE}) nor a "
                 f"checkpoint with model.json"
             )
-        info = json.loads((path / "model.json").read_text())
+        info = {**json.loads((path / "model.json").read_text()), "checkpoint": str(path.resolve()),
+                "weights": "ema" if ema else "raw"}
         if "diffusion" not in info and (path / "config.yaml").is_file():
             info["diffusion"] = yaml.safe_load((path / "config.yaml").read_text()).get("diffusion")
         state = load_checkpoint_weights(path, ema=ema)
@@ -152,6 +155,7 @@ def load_model(
     return model.to(device).eval(), info
 
 
+@cli_main
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(
         prog="tools/export_checkpoint.py", description=USAGE, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -160,12 +164,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", required=True, help="output directory")
     p.add_argument("--raw", action="store_true", help="export the raw weights instead of the EMA")
     args = p.parse_args(argv)
-    try:
-        path = resolve_checkpoint(args.checkpoint)
-        weights = export_checkpoint(path, args.out, ema=not args.raw)
-    except DisDistError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    path = resolve_checkpoint(args.checkpoint)
+    weights = export_checkpoint(path, args.out, ema=not args.raw)
     print(f"exported {'raw' if args.raw else 'EMA'} weights of {path} to {weights}")
     return 0
 
