@@ -131,10 +131,10 @@ def load_model(
     build_model takes, plus ``vae``, ``scaling_factor``, ``class_names``, ``diffusion``
     (num_steps and schedule; DiS's 1000-step linear one where the files predate it), and the
     ``checkpoint`` and ``weights`` (ema or raw) the weights come from."""
-    from safetensors.torch import load_file
-
     path = Path(path)
     if (path / CONFIG_FILE).is_file() and (path / WEIGHTS_FILE).is_file():
+        from safetensors.torch import load_file
+
         info = json.loads((path / CONFIG_FILE).read_text())
         state = load_file(str(path / WEIGHTS_FILE))
     else:
