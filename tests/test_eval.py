@@ -362,3 +362,17 @@ def test_fid_tool_scores_an_npz_against_fashion_mnist(tmp_path: Path, classifier
     proc = subprocess.run([sys.executable, str(ROOT / "tools" / "fid.py"), str(tmp_path / "real.npz"),
                            str(fmnist_root)], env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 2 and inception.WEIGHTS_URL in proc.stderr
+
+
+def test_evaluation_settings_fail_before_training(tmp_path: Path, classifier: Path, fmnist_root: Path) -> None:
+    from dis_dist.config import load_config
+    from dis_dist.train.trainer import Trainer
+
+    base = [f"run_dir={tmp_path}", "data.source=fmnist", f"data.root={fmnist_root}", "eval.every=10",
+            "eval.features=fmnist"]
+    with pytest.raises(ConfigError, match="eval.reference"):
+        Trainer(load_config(None, [*base, "eval.reference="]))
+    with pytest.raises(ConfigError, match="does not exist"):
+        Trainer(load_config(None, [*base, f"eval.weights={classifier}", f"eval.reference={tmp_path / 'nowhere'}"]))
+    with pytest.raises(ConfigError, match="train_fmnist_classifier"):
+        Trainer(load_config(None, [*base, f"eval.weights={tmp_path / 'none.pt'}", f"eval.reference={fmnist_root}"]))

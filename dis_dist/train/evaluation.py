@@ -4,6 +4,8 @@ reference statistics (computed once, cached)."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import torch.distributed as dist
 from torch import nn
@@ -12,6 +14,7 @@ from dis_dist.config import RunConfig
 from dis_dist.data.encoders import latent_decoder
 from dis_dist.diffusion import GaussianDiffusion
 from dis_dist.dist.env import DistEnv
+from dis_dist.errors import ConfigError
 from dis_dist.eval.features import build_extractor, reference_stats
 from dis_dist.eval.fid import score
 from dis_dist.eval.generate import SampleSettings, batches_of_rank, generate
@@ -20,9 +23,14 @@ VAE_DOWNSAMPLING = 8  # image pixels per latent pixel (the SD VAE), for referenc
 
 
 class Evaluator:
+    """Built by every rank at the start of training (the feature network and the decoder
+    everywhere, the reference statistics on rank 0); called collectively."""
+
     def __init__(self, cfg: RunConfig, env: DistEnv, model_spec: dict, vae: str, scaling_factor: float) -> None:
         self.cfg, self.env, self.spec = cfg, env, model_spec
         ec = cfg.eval
+        if "://" not in ec.reference and not Path(ec.reference).exists():  # on every rank: none waits for rank 0
+            raise ConfigError(f"eval.reference: {ec.reference!r} does not exist")
         self.decode = latent_decoder(vae, scaling_factor, env.device)
         self.extractor = build_extractor(ec.features, ec.weights or None, env.device)
         resolution = model_spec["input_size"] * (1 if vae == "pixels" else VAE_DOWNSAMPLING)
