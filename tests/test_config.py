@@ -137,6 +137,20 @@ def test_ranks_from_torchrun_and_slurm():
     assert ranks_from_env({"SLURM_PROCID": "0", "SLURM_NTASKS": "1"}) is None  # a lone task
 
 
+def test_torchrun_port_zero_is_an_error_not_a_hang(monkeypatch):
+    """torchrun --master_port=0 binds a free port but gives its workers MASTER_PORT=0."""
+    import datetime
+
+    from dis_dist.dist.env import _agent_store
+
+    monkeypatch.setenv("TORCHELASTIC_USE_AGENT_STORE", "True")
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    monkeypatch.setenv("MASTER_PORT", "0")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(ConfigError, match="--standalone"):
+        _agent_store(datetime.timedelta(seconds=5))
+
+
 @pytest.mark.parametrize("path", sorted((ROOT / "configs").glob("*.yaml")))
 def test_shipped_configs_load(path):
     cfg = load_config(path)

@@ -137,6 +137,9 @@ def _agent_store(timeout: datetime.timedelta) -> dist.Store | None:
     """
     if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
         return None
+    if os.environ.get("MASTER_PORT") == "0":  # torchrun binds a free port but tells workers 0
+        raise ConfigError("torchrun --master_port=0 does not tell the workers which port it chose (they "
+                          "would wait forever): use --standalone, or give --master_port a free port")
     client = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]),
                            int(os.environ["WORLD_SIZE"]), is_master=False, timeout=timeout)
     return dist.PrefixStore(f"/dis_dist/restart_{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", client)
