@@ -279,7 +279,7 @@ def test_a_hung_collective_fails_within_the_timeout(tmp_path: Path) -> None:
     script.write_text(HANG)
     start = time.monotonic()
     proc = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=0", str(script), "0.1"],
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script), "0.1"],
         env={**os.environ, "PYTHONPATH": str(ROOT)}, capture_output=True, text=True, timeout=150,
     )
     elapsed = time.monotonic() - start
