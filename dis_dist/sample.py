@@ -72,19 +72,15 @@ def _settings(args: argparse.Namespace) -> SampleSettings:
     )
 
 
-def _check_settings(out: Path, record: dict) -> None:
-    """The first run writes the settings; a rerun must agree, or its parts would mix two runs."""
-    path = out / SETTINGS_FILE
-    if path.is_file():
-        saved = json.loads(path.read_text())
-        diff = [f"{k}: {saved.get(k)!r} != {v!r}" for k, v in record.items()
-                if k != "batch_size" and saved.get(k) != v]
-        if diff:
-            raise ConfigError(f"{out} holds samples drawn with other settings ({', '.join(diff)}); "
-                              f"use another --out, or delete it")
-    else:
-        out.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(record, indent=2))
+def _agreed_settings(out: Path, record: dict) -> dict:
+    """The settings ``out`` was started with; a rerun must agree (the batch size aside: the
+    parts' layout stays the first run's), or its parts would mix two runs."""
+    saved = json.loads((out / SETTINGS_FILE).read_text())
+    diff = [f"{k}: {saved.get(k)!r} != {v!r}" for k, v in record.items() if k != "batch_size" and saved.get(k) != v]
+    if diff:
+        raise ConfigError(f"{out} holds samples drawn with other settings ({', '.join(diff)}); "
+                          f"use another --out, or delete it")
+    return saved
 
 
 def part_path(out: Path, indices: list[int]) -> Path:
@@ -133,11 +129,11 @@ def run(args: argparse.Namespace) -> Path | None:
     record = {"model": str(Path(args.model).resolve()), "checkpoint": info.get("checkpoint"),
               "weights": info.get("weights"), "num": args.num_samples, "batch_size": args.batch_size,
               **asdict(settings)}
-    if env.is_main:
-        _check_settings(out, record)
+    if env.is_main and not (out / SETTINGS_FILE).is_file():  # the first run records its settings
+        out.mkdir(parents=True, exist_ok=True)
+        (out / SETTINGS_FILE).write_text(json.dumps(record, indent=2))
     env.barrier()
-    _check_settings(out, record)  # every rank, against the file rank 0 wrote
-    saved_batch = json.loads((out / SETTINGS_FILE).read_text())["batch_size"]
+    saved_batch = _agreed_settings(out, record)["batch_size"]
     if saved_batch != args.batch_size:
         log.warning("--batch-size %d, but %s was started with %d: continuing with %d (the parts' layout)",
                     args.batch_size, out, saved_batch, saved_batch)

@@ -22,11 +22,11 @@ import numpy as np, torch
 from safetensors.torch import save_file
 from dis_dist.eval.inception import load_inception
 from dis_dist.models import build_model
+from dis_dist.train.export import BUILD_KEYS
 out = sys.argv[1]
 info = {"name": "DiS-S/2", "input_size": 32, "in_channels": 3, "num_classes": 10, "learn_sigma": True,
         "vae": "pixels", "scaling_factor": 1.0, "class_names": [str(i) for i in range(10)]}
-save_file(build_model(**{k: info[k] for k in ("name", "input_size", "in_channels", "num_classes", "learn_sigma")}).state_dict(),
-          f"{out}/model.safetensors")
+save_file(build_model(**{k: info[k] for k in BUILD_KEYS}).state_dict(), f"{out}/model.safetensors")
 json.dump(info, open(f"{out}/config.json", "w"))
 net = load_inception(None, "cuda")
 x = torch.randint(0, 256, (250, 256, 256, 3), dtype=torch.uint8, device="cuda")

@@ -1,8 +1,8 @@
 """Stopping a run cleanly when the cluster asks: SIGUSR1 (SLURM's warning before a time limit
 or preemption), SIGUSR2 (submitit's), SIGTERM (``scontrol requeue``, preemption, ``kill``) or a
-request file (what
-``slurm/train_dis_h.sbatch`` writes when its own shell is signalled) set a flag; at the next
-step boundary every rank learns whether any rank saw one, and the trainer saves and stops.
+request file (what ``slurm/train_dis_h.sbatch`` writes when its own shell is signalled) set a
+flag; at the next step boundary every rank learns whether any rank saw one, and the trainer
+saves and stops.
 """
 
 from __future__ import annotations
