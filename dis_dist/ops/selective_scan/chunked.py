@@ -8,11 +8,11 @@ L x N.
 
 The per-chunk work is two small functions with the T steps unrolled over time-major inputs
 (one step's slice is contiguous); softplus(delta + bias) and the D skip are folded in. Under
-``torch.compile``
-(the default where it works: a C++ compiler on CPU, Triton on GPU) each becomes a few fused
-kernels that keep the state in registers, which is what makes this backend fast; without it
-they run eagerly with the same results. Decays exp(delta * A) are formed per step from
-delta * A <= 0, so no positive sum is ever exponentiated.
+``torch.compile`` (the default where it works: a C++ compiler on CPU, Triton on GPU) each becomes
+a few fused loops over the chunk, about 3x faster than the same code run eagerly (which is
+what happens without a compiler, with the same results). On the CPU they are compute-bound, on
+the exponentials of the decays. Decays exp(delta * A) are formed per step from delta * A <= 0,
+so no positive sum is ever exponentiated.
 """
 
 from __future__ import annotations
