@@ -6,13 +6,13 @@ backward recomputes each chunk's states from the boundary state and runs the rev
 through the chunk, last chunk first. The scan's activation memory therefore does not grow as
 L x N.
 
-The per-chunk work is two small functions with the T steps unrolled over time-major inputs
-(one step's slice is contiguous); softplus(delta + bias) and the D skip are folded in. Under
-``torch.compile`` (the default where it works: a C++ compiler on CPU, Triton on GPU) each becomes
-a few fused loops over the chunk, about 3x faster than the same code run eagerly (which is
-what happens without a compiler, with the same results); on the CPU they are compute-bound (a
-hand-written C++ kernel ran no faster). Decays exp(delta * A) are formed per step from delta * A <= 0,
-so no positive sum is ever exponentiated.
+The per-chunk work is two small functions with the T steps unrolled over time-major inputs (one
+step's slice is contiguous); softplus(delta + bias) and the D skip are folded in. Under
+``torch.compile`` (the default where it works: a C++ compiler on CPU, Triton on GPU) each
+becomes a few fused loops over the chunk, about 3x faster than the same code run eagerly (which
+is what happens without a compiler, with the same results); on the CPU they are compute-bound (a
+hand-written C++ kernel ran no faster). Decays exp(delta * A) are formed per step from delta * A
+<= 0, so no positive sum is ever exponentiated.
 """
 
 from __future__ import annotations
