@@ -11,8 +11,8 @@ step's slice is contiguous); softplus(delta + bias) and the D skip are folded in
 ``torch.compile`` (the default where it works: a C++ compiler on CPU, Triton on GPU) each
 becomes a few fused loops over the chunk, about 3x faster than the same code run eagerly (which
 is what happens without a compiler, with the same results); on the CPU they are compute-bound (a
-hand-written C++ kernel ran no faster). Decays exp(delta * A) are formed per step from delta * A
-<= 0, so no positive sum is ever exponentiated.
+hand-written C++ kernel ran no faster). Decays exp(delta * A) are formed per step from
+delta * A <= 0, so no positive sum is ever exponentiated.
 """
 
 from __future__ import annotations
