@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -143,7 +144,7 @@ class RunConfig:
 # -- conversion ------------------------------------------------------------------------------
 
 def _suggest(key: str, choices: list[str]) -> str:
-    close = difflib.get_close_matches(key, choices, n=1)
+    close = difflib.get_close_matches(str(key), choices, n=1)
     return f"did you mean {close[0]!r}? " if close else ""
 
 
@@ -167,18 +168,25 @@ def _coerce(value: Any, hint: Any, key: str) -> Any:
             return value
         raise ConfigError(f"{key}: expected true or false, got {value!r}")
     if hint is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-        raise ConfigError(f"{key}: expected an integer, got {value!r}")
+        if not isinstance(value, int) or isinstance(value, bool):
+            raise ConfigError(f"{key}: expected an integer, got {value!r}")
+        if not -(2**63) <= value < 2**63:
+            raise ConfigError(f"{key}: {value} is out of the 64-bit integer range")
+        return value
     if hint is float:
+        number = None
         if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):  # YAML 1.1 reads "1e-4" as a string
+            number = float(value) if abs(value) < 1e308 else math.inf  # float(10**400) overflows
+        elif isinstance(value, str):  # YAML 1.1 reads "1e-4" as a string
             try:
-                return float(value)
+                number = float(value)
             except ValueError:
                 pass
-        raise ConfigError(f"{key}: expected a number, got {value!r}")
+        if number is None:
+            raise ConfigError(f"{key}: expected a number, got {value!r}")
+        if not math.isfinite(number):
+            raise ConfigError(f"{key}: expected a finite number, got {value!r}")
+        return number
     if hint is str:
         if isinstance(value, (str, int, float)) and not isinstance(value, bool):
             return str(value)
@@ -249,9 +257,15 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         if not path.is_file():
             raise ConfigError(f"config file {str(path)!r} does not exist")
         try:
-            data = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as e:
+            data = yaml.safe_load(path.read_text())
+        except (yaml.YAMLError, UnicodeDecodeError) as e:
             raise ConfigError(f"config file {str(path)!r} is not valid YAML: {e}") from None
+        data = {} if data is None else data
+        if not isinstance(data, dict):
+            raise ConfigError(
+                f"config file {str(path)!r} must be a mapping of sections (train:, model:, ...), "
+                f"got a {type(data).__name__}"
+            )
     data = _merge(data, parse_overrides(overrides or []))
     cfg = _build(RunConfig, data, "")
     validate(cfg)
@@ -301,6 +315,8 @@ def validate(cfg: RunConfig, world_size: int = 1) -> None:
         "train.max_skipped_in_a_row": cfg.train.max_skipped_in_a_row,
         "checkpoint.keep_every": cfg.checkpoint.keep_every,
         "sample.ddim_eta": cfg.sample.ddim_eta,
+        "train.seed": cfg.train.seed,
+        "sample.seed": cfg.sample.seed,
     }
     for key, value in non_negative.items():
         if value < 0:

@@ -56,6 +56,18 @@ def classifier(tmp_path_factory: pytest.TempPathFactory, fmnist_root: Path) -> P
     return path
 
 
+@pytest.fixture(scope="session")
+def fmnist_cache(tmp_path_factory: pytest.TempPathFactory, fmnist_root: Path) -> Path:
+    """Fashion-MNIST's test split as a pixel-space latent cache: 20 shards of 500, flip
+    variants stored (a few seconds to encode)."""
+    from dis_dist.data.encode import encode, parse_args
+
+    out = tmp_path_factory.mktemp("fmnist_cache") / "pixels32"
+    encode(parse_args(["--no-progress", "--input", str(fmnist_root), "--output", str(out), "--vae", "pixels",
+                       "--split", "test", "--resolution", "32", "--shard-size", "500"]))
+    return out
+
+
 @pytest.fixture(autouse=True)
 def _seed() -> None:
     torch.manual_seed(0)

@@ -21,8 +21,10 @@ import json
 import math
 import mmap
 import os
+import re
 import tarfile
-from collections.abc import Iterator
+import typing
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import IO, Any
 
@@ -35,6 +37,7 @@ FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
 FRAGMENTS = "_fragments"
 LATENT_KINDS = ("moments", "sample", "mean", "pixels")
+LATENT_DTYPES = ("float16", "float32")
 
 
 @dataclass
@@ -93,19 +96,90 @@ class Manifest:
     def from_json(cls, text: str, url: str = "manifest") -> Manifest:
         try:
             d = json.loads(text)
-            if d.get("format_version") != FORMAT_VERSION:
-                raise DataError(
-                    f"{url}: format version {d.get('format_version')!r}, this code reads {FORMAT_VERSION}"
-                )
-            return cls(
-                format_version=d["format_version"],
-                info=CacheInfo(**d["info"]),
-                total_samples=d["total_samples"],
-                shards=[ShardInfo(**s) for s in d["shards"]],
-                skipped=[Skipped(**s) for s in d.get("skipped", [])],
-            )
-        except (KeyError, TypeError, json.JSONDecodeError) as e:
+        except (json.JSONDecodeError, RecursionError) as e:
             raise DataError(f"{url} is not a valid manifest: {e}") from None
+        if isinstance(d, dict) and d.get("format_version") != FORMAT_VERSION:
+            raise DataError(f"{url}: format version {d.get('format_version')!r}, this code reads {FORMAT_VERSION}")
+        manifest = _parse(cls, d, f"{url} is not a valid manifest")
+        manifest.check(url)
+        return manifest
+
+    def check(self, url: str) -> None:
+        """Values a reader relies on; DataError naming the first one that is wrong."""
+        info = self.info
+
+        def fail(what: str) -> None:
+            raise DataError(f"{url} is not a valid manifest: {what}")
+
+        check_cache_info(info, fail)
+        if not self.shards:
+            fail("it lists no shards")
+        names = [s.name for s in self.shards]
+        for shard in self.shards:
+            if not _SHARD_FILE.match(shard.name):
+                fail(f"shard name {shard.name!r} is not a plain .tar file name")
+            if shard.samples < 1 or shard.bytes < 0:
+                fail(f"shard {shard.name} has {shard.samples} samples and {shard.bytes} bytes")
+        if len(set(names)) != len(names):
+            fail("a shard is listed twice")
+        if info.num_shards != len(self.shards) or self.total_samples != sum(s.samples for s in self.shards):
+            fail(f"info.num_shards={info.num_shards} and total_samples={self.total_samples} do not match "
+                 f"its {len(self.shards)} shards of {sum(s.samples for s in self.shards)} samples")
+
+
+_SHARD_FILE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]*\.tar$")
+
+
+def check_cache_info(info: CacheInfo, fail: Callable[[str], None]) -> None:
+    """Values of a cache's description that readers rely on."""
+    if info.latent_kind not in LATENT_KINDS:
+        fail(f"latent_kind {info.latent_kind!r} is not one of {', '.join(LATENT_KINDS)}")
+    if len(info.latent_shape) != 3 or min(info.latent_shape) < 1 or max(info.latent_shape) > 2**20:
+        fail(f"latent_shape {info.latent_shape} is not (channels, height, width)")
+    if info.latent_kind == "moments" and info.latent_shape[0] % 2:
+        fail(f"latent_shape {info.latent_shape}: moments need an even number of channels (mean, std)")
+    if info.latent_dtype not in LATENT_DTYPES:
+        fail(f"latent_dtype {info.latent_dtype!r} is not one of {', '.join(LATENT_DTYPES)}")
+    if not (math.isfinite(info.scaling_factor) and info.scaling_factor > 0):
+        fail(f"scaling_factor {info.scaling_factor} is not a positive number")
+
+
+def _parse(cls: type, data: Any, what: str, where: str = "") -> Any:
+    """A dataclass of this module from JSON data, every field of its declared type."""
+    if not isinstance(data, dict):
+        raise DataError(f"{what}: {where or 'the top level'} is a {type(data).__name__}, not an object")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for name, f in fields.items():
+        key = f"{where}.{name}" if where else name
+        if name not in data:
+            if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+                raise DataError(f"{what}: {key} is missing")
+            continue
+        kwargs[name] = _typed(data[name], hints[name], what, key)
+    return cls(**kwargs)
+
+
+def _typed(value: Any, hint: Any, what: str, key: str) -> Any:
+    if dataclasses.is_dataclass(hint):
+        return _parse(hint, value, what, key)
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin is list:
+        if not isinstance(value, list):
+            raise DataError(f"{what}: {key} is {value!r}, not a list")
+        return [_typed(v, args[0], what, f"{key}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise DataError(f"{what}: {key} is {value!r}, not an object")
+        return value
+    if args and type(None) in args:  # X | None
+        return None if value is None else _typed(value, next(a for a in args if a is not type(None)), what, key)
+    if hint is float and isinstance(value, int) and not isinstance(value, bool):
+        value = float(value)
+    if hint is Any or (isinstance(value, hint) and not (hint is int and isinstance(value, bool))):
+        return value
+    raise DataError(f"{what}: {key} is {value!r}, not a {hint.__name__}")
 
 
 @dataclass
@@ -194,9 +268,11 @@ def merge_fragments(root: str, options: fs.StorageOptions | None = None) -> Mani
         raise DataError(f"{root!r} has no finished shards to merge") from None
     fragments = []
     for u in urls:
-        d = json.loads(fsys.cat_file(u))
-        fragments.append(Fragment(CacheInfo(**d["info"]), ShardInfo(**d["shard"]),
-                                  [Skipped(**s) for s in d["skipped"]]))
+        try:
+            d = json.loads(fsys.cat_file(u))
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise DataError(f"fragment {u} is not valid JSON ({e}): delete it to re-encode its shard") from None
+        fragments.append(_parse(Fragment, d, f"fragment {u} is not valid (delete it to re-encode its shard)"))
     info = fragments[0].info
     for f in fragments[1:]:
         if f.info != info:
@@ -220,52 +296,84 @@ def merge_fragments(root: str, options: fs.StorageOptions | None = None) -> Mani
 @functools.lru_cache(maxsize=64)
 def _npy_header(header: bytes) -> tuple[np.dtype, tuple[int, ...]]:
     d = ast.literal_eval(header.decode("latin1"))
+    if not isinstance(d, dict) or not isinstance(d.get("shape"), tuple):
+        raise ValueError(f"bad .npy header {header[:80]!r}")
     if d.get("fortran_order"):
         raise ValueError("Fortran-ordered arrays are not used in latent shards")
-    return np.dtype(d["descr"]), tuple(d["shape"])
+    shape = d["shape"]
+    if not all(isinstance(n, int) and 0 <= n < 2**31 for n in shape):
+        raise ValueError(f"bad .npy shape {shape!r}")
+    return np.dtype(d["descr"]), shape
+
+
+# What a damaged .npy header can make the parsers above raise.
+_NPY_ERRORS = (ValueError, SyntaxError, TypeError, KeyError, MemoryError, RecursionError)
 
 
 def npy_array(data: bytes | memoryview) -> np.ndarray:
     """A .npy payload as a (read-only, zero-copy) array. Every sample of a shard has the same
-    header, so parsing it is a cache lookup: this is ~70x faster than np.load per sample."""
+    header, so parsing it is a cache lookup: this is ~70x faster than np.load per sample.
+    Raises ValueError for anything that is not a whole .npy array."""
     data = memoryview(data)
-    if bytes(data[:6]) != b"\x93NUMPY":
+    if bytes(data[:6]) != b"\x93NUMPY" or len(data) < 12:
         raise ValueError("not a .npy payload")
     if data[6] == 1:
         length, start = int.from_bytes(data[8:10], "little"), 10
     else:
         length, start = int.from_bytes(data[8:12], "little"), 12
-    dtype, shape = _npy_header(bytes(data[start : start + length]))
-    return np.frombuffer(data, dtype=dtype, offset=start + length, count=math.prod(shape)).reshape(shape)
+    try:
+        dtype, shape = _npy_header(bytes(data[start : start + length]))
+        return np.frombuffer(data, dtype=dtype, offset=start + length, count=math.prod(shape)).reshape(shape)
+    except _NPY_ERRORS as e:
+        raise ValueError(f"corrupt .npy payload: {type(e).__name__}: {e}") from None
+
+
+def _header_checksum_ok(header: memoryview) -> bool:
+    """The tar header's own checksum: the byte sum with the checksum field read as spaces."""
+    field_text = bytes(header[148:156]).split(b"\0", 1)[0].strip()
+    try:
+        stored = int(field_text, 8)
+    except ValueError:
+        return False
+    return stored == sum(header[:148]) + 8 * 32 + sum(header[156:])
 
 
 def _tar_members(data: memoryview) -> Iterator[tuple[str, memoryview]]:
-    """(name, payload) of the regular files of an in-memory tar (ustar, GNU long names, pax)."""
+    """(name, payload) of the regular files of an in-memory tar (ustar, GNU long names, pax).
+    Every header's checksum is checked; any damage raises DataError."""
     pos, end, long_name = 0, len(data), None
     while pos + 512 <= end:
         header = data[pos : pos + 512]
-        if not any(header[:100]):  # the two zero blocks that end an archive
+        if not any(header):  # the two zero blocks that end an archive
             return
-        name = bytes(header[:100]).split(b"\0", 1)[0].decode()
-        prefix = bytes(header[345:500]).split(b"\0", 1)[0].decode()
+        if not _header_checksum_ok(header):
+            raise DataError(f"corrupt tar: the member header at byte {pos} fails its checksum")
+        try:
+            name = bytes(header[:100]).split(b"\0", 1)[0].decode()
+            prefix = bytes(header[345:500]).split(b"\0", 1)[0].decode()
+            size_field = bytes(header[124:136]).split(b"\0", 1)[0].strip()
+            size = int(size_field, 8) if size_field else 0
+        except ValueError as e:  # UnicodeDecodeError included
+            raise DataError(f"corrupt tar: the member header at byte {pos} is unreadable ({e})") from None
         if prefix and bytes(header[257:262]) == b"ustar":
             name = f"{prefix}/{name}"
-        size_field = bytes(header[124:136]).split(b"\0", 1)[0].strip()
-        size = int(size_field, 8) if size_field else 0
         kind = header[156:157].tobytes()
         body = pos + 512
         if body + size > end:
             raise DataError(f"truncated tar: member {name!r} needs {size} bytes, {end - body} left")
         payload = data[body : body + size]
         pos = body + (size + 511) // 512 * 512
-        if kind == b"L":  # GNU long name of the next member
-            long_name = bytes(payload).split(b"\0", 1)[0].decode()
-            continue
-        if kind == b"x":  # pax header: the path record, if any, names the next member
-            for record in bytes(payload).decode().splitlines():
-                if " path=" in record:
-                    long_name = record.split(" path=", 1)[1]
-            continue
+        try:
+            if kind == b"L":  # GNU long name of the next member
+                long_name = bytes(payload).split(b"\0", 1)[0].decode()
+                continue
+            if kind == b"x":  # pax header: the path record, if any, names the next member
+                for record in bytes(payload).decode().splitlines():
+                    if " path=" in record:
+                        long_name = record.split(" path=", 1)[1]
+                continue
+        except ValueError as e:
+            raise DataError(f"corrupt tar: unreadable extended header of {name!r} ({e})") from None
         if kind in (b"0", b"\0"):
             yield (long_name or name), payload
         long_name = None
@@ -276,8 +384,8 @@ VERIFY_LEVELS = ("size", "sha256", "none")
 
 
 def load_shard(url: str, options: fs.StorageOptions | None = None, cache_dir: str | None = None) -> bytes | memoryview:
-    """A shard's bytes: memory-mapped when local (pages are read only when a sample's array is
-    used, so an unused flip variant costs no I/O), read whole otherwise."""
+    """A shard's bytes: memory-mapped when local (the arrays are views of the mapped pages, never
+    copied), read whole otherwise."""
     if fs.is_local(url):
         path = url.removeprefix("file://")
         try:
@@ -331,10 +439,35 @@ def iter_shard(f: IO[bytes], *, verify: ShardInfo | None = None) -> Iterator[dic
     yield from read_shard(f, verify=verify)
 
 
+def check_samples(samples: list[dict[str, Any]], info: CacheInfo, num_classes: int) -> None:
+    """Check every sample of a shard before any is used: its members, each array's dtype and
+    shape against the cache's, finite values, a label in range. DataError names the first bad one."""
+    names = ["latent.npy", "latent_flip.npy"] if info.has_flip else ["latent.npy"]
+    dtype, shape = np.dtype(info.latent_dtype), tuple(info.latent_shape)
+    for sample in samples:
+        key = sample.get("__key__")
+        try:
+            for name in names:
+                if name not in sample:
+                    raise ValueError(f"no {name}")
+                array = npy_array(sample[name])
+                if array.dtype != dtype or array.shape != shape:
+                    raise ValueError(f"{name} is {array.dtype} {array.shape}, the cache's latents are {dtype} {shape}")
+                if not np.isfinite(array).all():
+                    raise ValueError(f"{name} holds NaN or infinity")
+            if "cls" not in sample:
+                raise ValueError("no cls")
+            label = int(bytes(sample["cls"]).decode("ascii"))
+            if not 0 <= label < max(num_classes, 1):
+                raise ValueError(f"label {label} is outside [0, {max(num_classes, 1)})")
+        except ValueError as e:  # UnicodeDecodeError included
+            raise DataError(f"sample {key!r} is malformed: {e}") from None
+
+
 def decode_sample(sample: dict[str, Any]) -> tuple[np.ndarray, np.ndarray | None, int]:
     """(latent, latent_flip or None, label) of a raw sample."""
     try:
         flip = sample.get("latent_flip.npy")
         return npy_array(sample["latent.npy"]), None if flip is None else npy_array(flip), int(bytes(sample["cls"]))
-    except (KeyError, ValueError, SyntaxError) as e:
+    except (KeyError, ValueError) as e:
         raise DataError(f"sample {sample.get('__key__')!r} is malformed: {e}") from None

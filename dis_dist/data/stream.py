@@ -25,7 +25,7 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from dis_dist.data import fs
-from dis_dist.data.shards import Manifest, load_manifest, load_shard, npy_array, read_shard
+from dis_dist.data.shards import Manifest, check_samples, load_manifest, load_shard, npy_array, read_shard
 from dis_dist.errors import DataError
 from dis_dist.utils.seeding import mix_seed
 
@@ -46,6 +46,13 @@ class StreamSpec:
     verify: str = "size"  # check each shard against the manifest: "size" (and sample count), "sha256", "none"
     cache_dir: str | None = None  # local copies of remote shards
     options: dict[str, Any] = field(default_factory=dict)  # fsspec storage options
+
+
+@dataclass(frozen=True)
+class StreamFailure:
+    """What a stream yields in place of a batch when it cannot go on (the loader raises it)."""
+
+    message: str
 
 
 class ShardStream(IterableDataset):
@@ -71,20 +78,30 @@ class ShardStream(IterableDataset):
         raise AssertionError("unreachable")
 
     # -- reading ------------------------------------------------------------------------------
+    def read_samples(self, index: int) -> list[dict]:
+        """The samples of shard ``index``, each checked before any is used; any damage is one
+        DataError naming the shard."""
+        spec, info = self.spec, self.manifest.shards[index]
+        url = fs.join(spec.url, info.name)
+        try:
+            samples = read_shard(load_shard(url, spec.options, spec.cache_dir), verify=info, level=spec.verify)
+            check_samples(samples, self.manifest.info, self.manifest.num_classes)
+        except (DataError, OSError) as e:
+            raise DataError(f"shard {url}: {e}") from None
+        return samples
+
     def _raw_epoch(self, epoch: int, worker: int, workers: int, errors: list[int]) -> Iterator[dict]:
         spec = self.spec
         rng = random.Random(mix_seed(spec.seed, epoch, spec.rank, worker, 7))
         buffer: list[dict] = []
         for index in self.shards_for(epoch, worker, workers):
-            info = self.manifest.shards[index]
-            url = fs.join(spec.url, info.name)
             try:
-                samples = read_shard(load_shard(url, spec.options, spec.cache_dir), verify=info, level=spec.verify)
-            except (DataError, OSError) as e:
+                samples = self.read_samples(index)
+            except DataError as e:
                 if spec.on_error == "raise":
-                    raise DataError(f"shard {url}: {e}") from None
+                    raise
                 errors[0] += 1
-                log.warning("skipping shard %s: %s", url, e)
+                log.warning("skipping %s", e)
                 continue
             for sample in samples:
                 if len(buffer) < spec.shuffle_buffer:
@@ -97,22 +114,20 @@ class ShardStream(IterableDataset):
         yield from buffer
 
     def _batch(self, raws: list[dict], generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-        """Decode a batch: the flip variant picked per sample, then one draw from the moments."""
+        """Decode a batch of checked samples: the flip variant picked per sample, then one draw
+        from the moments."""
         kind = self.manifest.info.latent_kind
         flips = (torch.rand(len(raws), generator=generator) < 0.5).tolist()
         if not self.spec.random_flip:
             flips = [False] * len(raws)
         arrays = []
         for raw, flip in zip(raws, flips):
-            try:
-                if flip and "latent_flip.npy" in raw:
-                    array = npy_array(raw["latent_flip.npy"])
-                else:
-                    array = npy_array(raw["latent.npy"])
-                    if flip and kind == "pixels":
-                        array = array[..., ::-1]
-            except (KeyError, ValueError, SyntaxError) as e:
-                raise DataError(f"sample {raw.get('__key__')!r} is malformed: {e}") from None
+            if flip and "latent_flip.npy" in raw:
+                array = npy_array(raw["latent_flip.npy"])
+            else:
+                array = npy_array(raw["latent.npy"])
+                if flip and kind == "pixels":
+                    array = array[..., ::-1]
             arrays.append(array)
         x = torch.from_numpy(np.stack(arrays)).float()
         if kind == "moments":
@@ -120,7 +135,13 @@ class ShardStream(IterableDataset):
             x = torch.addcmul(mean, std, torch.randn(mean.shape, generator=generator))
         return x, torch.tensor([int(bytes(r["cls"])) for r in raws])
 
-    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, int]]:
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, int] | StreamFailure]:
+        try:
+            yield from self._batches()
+        except DataError as e:  # handed over as a value: a worker's exception would arrive
+            yield StreamFailure(str(e))  # wrapped in DataLoader's traceback text
+
+    def _batches(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, int]]:
         info = get_worker_info()
         worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
         # A fresh DataLoader starts its round-robin at worker 0, but batch number start_batches
@@ -182,8 +203,11 @@ class StreamLoader:
     def _start(self) -> None:
         dataset = ShardStream(self.manifest, self.spec, start_batches=self.batches)
         workers = self.spec.num_workers
+        # Its own generator: starting the iterator draws the workers' base seed, which must not
+        # come from (and shift) the global RNG the model's dropout reads.
         loader = DataLoader(dataset, batch_size=None, num_workers=workers,
-                            prefetch_factor=4 if workers else None, persistent_workers=False)
+                            prefetch_factor=4 if workers else None, persistent_workers=False,
+                            generator=torch.Generator().manual_seed(mix_seed(self.spec.seed, self.batches)))
         self._iter = iter(loader)
 
     def __iter__(self) -> StreamLoader:
@@ -192,7 +216,11 @@ class StreamLoader:
     def __next__(self) -> tuple[torch.Tensor, torch.Tensor]:
         if self._iter is None:
             self._start()
-        x, y, errors = next(self._iter)
+        item = next(self._iter)
+        if isinstance(item, StreamFailure):
+            self._iter = None
+            raise DataError(item.message)
+        x, y, errors = item
         self._errors[self.batches % len(self._errors)] = int(errors)
         self.batches += 1
         return x, y
