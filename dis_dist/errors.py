@@ -17,6 +17,10 @@ class CheckpointError(DisDistError):
     """A checkpoint is missing, incomplete or does not match the run."""
 
 
+class CheckpointMismatch(CheckpointError):
+    """A checkpoint belongs to another model or data than the run that would resume it."""
+
+
 class BackendError(DisDistError, RuntimeError):
     """A requested compute backend cannot run here."""
 

@@ -6,7 +6,6 @@ a hang. The fuzz tests draw a few hundred random damages each, from fixed seeds.
 from __future__ import annotations
 
 import copy
-import hashlib
 import json
 import math
 import random
@@ -16,15 +15,16 @@ import sys
 import tarfile
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 import yaml
 
 from dis_dist.config import RunConfig, load_config, to_dict
-from dis_dist.data.shards import MANIFEST, build_shard, load_manifest
+from dis_dist.data.shards import MANIFEST, load_manifest
 from dis_dist.data.stream import ShardStream, StreamLoader, StreamSpec
 from dis_dist.errors import ConfigError, DataError
+
+from .conftest import write_small_cache
 
 ROOT = Path(__file__).resolve().parents[1]
 FUZZ_CASES = 300
@@ -33,26 +33,7 @@ FUZZ_CASES = 300
 @pytest.fixture(scope="module")
 def small_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """4 shards of 6 samples: 2-channel 8x8 latents with flip variants, 3 classes."""
-    root = tmp_path_factory.mktemp("small_cache")
-    rng = np.random.default_rng(0)
-    shards = []
-    for i in range(4):
-        samples = [{"key": f"s{i}_{k:03d}", "cls": int(rng.integers(3)),
-                    "latent": rng.standard_normal((2, 8, 8)).astype(np.float16),
-                    "latent_flip": rng.standard_normal((2, 8, 8)).astype(np.float16)} for k in range(6)]
-        data = build_shard(samples)
-        name = f"shard-{i:06d}.tar"
-        (root / name).write_bytes(data)
-        shards.append({"name": name, "samples": 6, "bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()})
-    manifest = {
-        "format_version": 1,
-        "info": {"vae": "pixels", "vae_revision": None, "scaling_factor": 1.0, "resolution": 8,
-                 "latent_shape": [2, 8, 8], "latent_dtype": "float16", "latent_kind": "sample",
-                 "class_names": ["a", "b", "c"], "has_flip": True, "num_shards": 4, "encode": {}},
-        "total_samples": 24, "shards": shards, "skipped": [],
-    }
-    (root / MANIFEST).write_text(json.dumps(manifest))
-    return root
+    return write_small_cache(tmp_path_factory.mktemp("small_cache") / "cache")
 
 
 def _member_offsets(data: bytes) -> list[int]:

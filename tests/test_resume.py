@@ -4,7 +4,6 @@ checkpoint skipped for the previous one, and a model.json that must match the ru
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import signal
@@ -17,6 +16,7 @@ from dis_dist.errors import CheckpointError
 from dis_dist.train.checkpoint import CheckpointManager
 from dis_dist.train.trainer import Trainer
 
+from .conftest import write_small_cache
 from .test_fault_tolerance import _hook_losses
 from .test_trainer import _assert_equal_states, _config
 
@@ -93,8 +93,7 @@ def test_a_planted_checkpoint_never_runs_code(tmp_path, fmnist_root, caplog):
     _plant(newest, marker)
     with caplog.at_level(logging.WARNING):
         trainer = Trainer(_short(run, fmnist_root, 5))
-        ckpt = trainer._resolve_resume("auto")
-        trainer.load_checkpoint(ckpt)
+        ckpt = trainer._resume("auto")
     assert not marker.exists()
     assert ckpt.name == "step_00000002" and trainer.step == 2  # the newest was skipped
     assert "step_00000004" in caplog.text and "model.pt" in caplog.text
@@ -108,7 +107,7 @@ def test_a_truncated_newest_checkpoint_falls_back_to_the_previous(tmp_path, fmni
     Trainer(_short(run, fmnist_root, 4)).fit()
     weights = run / "checkpoints" / "step_00000004" / "model.pt"
     weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
-    with caplog.at_level(logging.WARNING):
+    with caplog.at_level(logging.INFO):
         result = Trainer(_short(run, fmnist_root, 6)).fit(resume="auto")
     assert result.step == 6
     assert "skipping checkpoint" in caplog.text and str(weights) in caplog.text
@@ -126,12 +125,15 @@ def test_no_loadable_checkpoint_left_is_an_error(tmp_path, fmnist_root):
 
 
 def test_resume_compares_the_whole_model_json(tmp_path, fmnist_root):
+    """A run dir trained on Fashion-MNIST (1 channel, 32 px, 10 classes), resumed on a cache of
+    2-channel 8 px latents of 3 classes with the same model name."""
     run = tmp_path / "run"
     Trainer(_short(run, fmnist_root, 2)).fit()
-    info_file = run / "checkpoints" / "step_00000002" / "model.json"
-    info = json.loads(info_file.read_text())
-    info_file.write_text(json.dumps({**info, "in_channels": 4, "num_classes": 1000, "input_size": 64}))
+    cache = write_small_cache(tmp_path / "cache", channels=2, size=8, classes=3)
+    other = _short(run, fmnist_root, 4, "data.source=shards", f"data.url={cache}", "data.image_size=8",
+                   "data.num_workers=0")
     with pytest.raises(CheckpointError) as e:
-        Trainer(_short(run, fmnist_root, 4)).fit(resume="auto")
-    for key, saved, current in [("in_channels", 4, 1), ("num_classes", 1000, 10), ("input_size", 64, 32)]:
+        Trainer(other).fit(resume="auto")
+    for key, saved, current in [("in_channels", 1, 2), ("num_classes", 10, 3), ("input_size", 32, 8)]:
         assert f"{key}: checkpoint {saved}, this run {current}" in str(e.value)
+    assert "class_names: checkpoint ['T-shirt/top'" in str(e.value)

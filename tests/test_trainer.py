@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -27,7 +28,7 @@ def _config(run_dir, fmnist_root, *extra):
 
 def _final_state(run_dir):
     path = CheckpointManager(run_dir / "checkpoints", 3).latest()
-    return torch.load(path / "model.pt", weights_only=True), torch.load(path / "trainer.pt", weights_only=False)
+    return torch.load(path / "model.pt", weights_only=True), json.loads((path / "trainer.json").read_text())
 
 
 def _assert_equal_states(a, b):
@@ -95,7 +96,7 @@ def test_gradient_accumulation_steps_the_optimizer_once(tmp_path, fmnist_root):
 def test_resume_refuses_another_model(tmp_path, fmnist_root):
     Trainer(_config(tmp_path, fmnist_root, "train.steps=1", "sample.every=0")).fit()
     other = Trainer(_config(tmp_path, fmnist_root, "model.name=DiS-T/4", "sample.every=0"))
-    with pytest.raises(CheckpointError, match="model.name='DiS-T/8'"):
+    with pytest.raises(CheckpointError, match="name: checkpoint 'DiS-T/8', this run 'DiS-T/4'"):
         other.fit(resume="auto")
 
 

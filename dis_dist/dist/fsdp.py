@@ -24,7 +24,7 @@ from torch.distributed.fsdp import CPUOffloadPolicy, FSDPModule, MixedPrecisionP
 
 from dis_dist.config import RunConfig
 from dis_dist.dist.env import DistEnv
-from dis_dist.errors import ConfigError
+from dis_dist.errors import CheckpointError, ConfigError
 from dis_dist.dist.strategy import (
     OptimizerFactory,
     SchedulerFactory,
@@ -34,6 +34,7 @@ from dis_dist.dist.strategy import (
     optimizer_numel,
     param_groups,
 )
+from dis_dist.train.safe_load import DataOnlyPlanner, DataOnlyReader
 
 log = logging.getLogger(__name__)
 
@@ -136,9 +137,15 @@ class FSDPStrategy(Strategy):
     def load(self, directory: Path) -> None:
         model_state, optim_state = get_state_dict(self.model, self.optimizer)
         state = {"model": model_state, "optim": optim_state, "ema": self._ema_state()}
-        dcp.load(state, checkpoint_id=directory / DCP_DIR)  # in place, resharded to this mesh
-        set_state_dict(self.model, self.optimizer, model_state_dict=state["model"],
-                       optim_state_dict=state["optim"])
+        path = directory / DCP_DIR
+        try:  # in place, resharded to this mesh; DCP raises on every rank when one fails
+            dcp.load(state, storage_reader=DataOnlyReader(str(path)), planner=DataOnlyPlanner())
+            set_state_dict(self.model, self.optimizer, model_state_dict=state["model"],
+                           optim_state_dict=state["optim"])
+        except CheckpointError:
+            raise
+        except Exception as e:  # DCP's CheckpointException carries each failing rank's error
+            raise CheckpointError(f"{path} cannot be loaded: {type(e).__name__}: {str(e)[:500]}") from None
 
     def local_numel(self) -> dict[str, int]:
         return {

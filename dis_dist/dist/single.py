@@ -18,7 +18,9 @@ from dis_dist.dist.strategy import (
     optimizer_numel,
     param_groups,
 )
+from dis_dist.errors import CheckpointError
 from dis_dist.train.ema import ema_update
+from dis_dist.train.safe_load import load_torch
 
 
 class SingleDeviceStrategy(Strategy):
@@ -69,10 +71,14 @@ class SingleDeviceStrategy(Strategy):
             )
 
     def load(self, directory: Path) -> None:
-        state = torch.load(directory / "model.pt", map_location=self.env.device, weights_only=True)
-        self.module.load_state_dict(state["model"])
-        self._ema.load_state_dict(state["ema"])
-        self.optimizer.load_state_dict(state["optimizer"])
+        file = directory / "model.pt"
+        state = load_torch(file, map_location=self.env.device)
+        try:
+            self.module.load_state_dict(state["model"])
+            self._ema.load_state_dict(state["ema"])
+            self.optimizer.load_state_dict(state["optimizer"])
+        except (KeyError, TypeError, ValueError, RuntimeError) as e:
+            raise CheckpointError(f"{file} does not fit this model: {type(e).__name__}: {e}") from None
 
     def local_numel(self) -> dict[str, int]:
         return {

@@ -32,6 +32,7 @@ from dis_dist.dist.strategy import (
     param_groups,
 )
 from dis_dist.errors import BackendError, CheckpointError, ConfigError
+from dis_dist.train.safe_load import load_torch, torch_load_as_data
 
 log = logging.getLogger(__name__)
 
@@ -180,16 +181,22 @@ class DeepSpeedStrategy(Strategy):
 
     def load(self, directory: Path) -> None:
         path = directory / f"ema_rank{self.env.rank}.pt"
-        saved = torch.load(path, weights_only=True) if path.is_file() else None
+        saved = load_torch(path) if path.is_file() else None
         if saved is None or saved["world_size"] != self.env.world_size or saved["stage"] != self.stage:
             raise CheckpointError(
                 f"{str(directory)!r} was written by DeepSpeed ZeRO with another world size or stage "
                 f"(found {path.name}: {saved and (saved['world_size'], saved['stage'])}); resume it with "
                 f"the same number of ranks and dist.zero_stage, or export it (tools/export_checkpoint.py)"
             )
-        load_path, _ = self.engine.load_checkpoint(
-            str(directory), tag=TAG, load_optimizer_states=True, load_lr_scheduler_states=True
-        )
+        try:
+            with torch_load_as_data():  # the engine's own loads: no code from its files either
+                load_path, _ = self.engine.load_checkpoint(
+                    str(directory), tag=TAG, load_optimizer_states=True, load_lr_scheduler_states=True
+                )
+        except CheckpointError:
+            raise
+        except Exception as e:  # what DeepSpeed raises on a damaged file
+            raise CheckpointError(f"{directory / TAG} cannot be loaded: {type(e).__name__}: {e}") from None
         if load_path is None:
             raise CheckpointError(f"DeepSpeed found no checkpoint in {str(directory / TAG)!r}")
         for name, (_, tensor) in saved["fragments"].items():

@@ -1,5 +1,7 @@
 """Checkpoint directories: one per saved step, written under a temporary name, marked complete
-last and then renamed, so a directory named ``step_*`` with a marker is always whole.
+last and then renamed, so a directory named ``step_*`` with a marker is always whole. The
+marker lists every file with its size, so a checkpoint damaged later (a truncated copy, a lost
+shard) is found before anything is loaded from it.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from concurrent.futures import Future
 from pathlib import Path
 
 from dis_dist.errors import CheckpointError
+from dis_dist.train.safe_load import DataOnlyReader, load_torch
 
 log = logging.getLogger(__name__)
 
@@ -23,6 +26,39 @@ _STEP_DIR = re.compile(r"^step_(\d{8,})$")
 
 def is_complete(path: Path) -> bool:
     return (path / MARKER).is_file()
+
+
+def file_sizes(directory: Path) -> dict[str, int]:
+    """Relative path -> size of every file under ``directory``."""
+    return {str(p.relative_to(directory)): p.stat().st_size for p in sorted(directory.rglob("*")) if p.is_file()}
+
+
+def verify_checkpoint(path: Path) -> None:
+    """Check a complete checkpoint without loading its tensors: every file its marker lists is
+    there with its size, every torch file among them unpickles as plain tensors and containers (memory-mapped:
+    no tensor data is read) and DCP's metadata as DCP metadata. Raises CheckpointError naming the
+    first bad file."""
+    marker = path / MARKER
+    try:
+        recorded = json.loads(marker.read_text()).get("files")
+    except (OSError, ValueError, AttributeError) as e:
+        raise CheckpointError(f"{marker} is unreadable: {e}") from None
+    if recorded is not None:
+        if not isinstance(recorded, dict):
+            raise CheckpointError(f"{marker} is damaged: its file list is not an object")
+        for name, size in recorded.items():
+            file = path / name
+            actual = file.stat().st_size if file.is_file() else None
+            if actual != size:
+                found = "missing" if actual is None else f"{actual} bytes"
+                raise CheckpointError(f"{file} is {found}; the checkpoint was written with {size} bytes")
+    # What is read on resume: the listed files (written by an older version: every torch file).
+    torch_files = [path / n for n in recorded if n.endswith(".pt")] if recorded else sorted(path.rglob("*.pt"))
+    for file in torch_files:
+        load_torch(file, map_location="cpu", mmap=True)
+    dcp = path / "dcp"
+    if dcp.is_dir():
+        DataOnlyReader(str(dcp)).read_metadata()
 
 
 class CheckpointManager:
@@ -74,7 +110,8 @@ class CheckpointManager:
         def complete() -> None:
             barrier()
             if is_main:
-                (tmp / MARKER).write_text(json.dumps({"step": step, "time": time.time()}))
+                record = {"step": step, "time": time.time(), "files": file_sizes(tmp)}
+                (tmp / MARKER).write_text(json.dumps(record))
                 if final.exists():
                     shutil.rmtree(final)
                 tmp.rename(final)

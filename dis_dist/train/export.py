@@ -22,7 +22,8 @@ from torch import Tensor
 
 from dis_dist.errors import CheckpointError
 from dis_dist.models import DiS, build_model
-from dis_dist.train.checkpoint import CheckpointManager, is_complete
+from dis_dist.train.checkpoint import CheckpointManager, is_complete, verify_checkpoint
+from dis_dist.train.safe_load import DataOnlyPlanner, DataOnlyReader, load_torch, torch_load_as_data
 from dis_dist.utils.cli import cli_main
 
 USAGE = """Export a training checkpoint (any strategy) to model.safetensors + config.json.
@@ -41,7 +42,7 @@ DEFAULT_DIFFUSION = {"num_steps": 1000, "schedule": "linear"}
 def _from_dcp(directory: Path, prefix: str) -> dict[str, Tensor]:
     import torch.distributed.checkpoint as dcp
 
-    reader = dcp.FileSystemReader(str(directory))
+    reader = DataOnlyReader(str(directory))
     meta = reader.read_metadata().state_dict_metadata
     state = {
         key: torch.empty(m.size, dtype=m.properties.dtype)
@@ -49,13 +50,13 @@ def _from_dcp(directory: Path, prefix: str) -> dict[str, Tensor]:
     }
     with warnings.catch_warnings():  # "assuming the intent is to load in a single process": it is
         warnings.simplefilter("ignore", UserWarning)
-        dcp.load(state, storage_reader=reader, no_dist=True)
+        dcp.load(state, storage_reader=reader, planner=DataOnlyPlanner(), no_dist=True)
     return {key[len(prefix) + 1 :]: value for key, value in state.items()}
 
 
 def _deepspeed_ema(directory: Path) -> dict[str, Tensor]:
     files = sorted(directory.glob("ema_rank*.pt"))
-    parts = [torch.load(f, weights_only=True) for f in files]
+    parts = [load_torch(f) for f in files]
     if not parts or len(parts) != parts[0]["world_size"]:
         raise CheckpointError(f"{str(directory)!r}: expected one ema_rank<r>.pt per rank, found {len(parts)}")
     full = {name: torch.zeros(math.prod(shape)) for name, shape in parts[0]["shapes"].items()}
@@ -71,8 +72,9 @@ def load_checkpoint_weights(checkpoint: str | Path, ema: bool = True) -> dict[st
     path = Path(checkpoint)
     if not path.is_dir() or not is_complete(path):
         raise CheckpointError(f"{str(path)!r} is not a complete checkpoint directory (no COMPLETE marker)")
+    verify_checkpoint(path)
     if (path / "model.pt").is_file():
-        state = torch.load(path / "model.pt", map_location="cpu", weights_only=True)["ema" if ema else "model"]
+        state = load_torch(path / "model.pt", map_location="cpu")["ema" if ema else "model"]
     elif (path / "dcp").is_dir():
         state = _from_dcp(path / "dcp", "ema" if ema else "model")
     elif (path / "deepspeed").is_dir():
@@ -81,7 +83,8 @@ def load_checkpoint_weights(checkpoint: str | Path, ema: bool = True) -> dict[st
         else:
             from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
-            state = get_fp32_state_dict_from_zero_checkpoint(str(path), tag="deepspeed")
+            with torch_load_as_data():
+                state = get_fp32_state_dict_from_zero_checkpoint(str(path), tag="deepspeed")
     else:
         raise CheckpointError(f"{str(path)!r} holds no model.pt, dcp/ or deepspeed/: not a dis_dist checkpoint")
     return {k: v.float().contiguous() for k, v in state.items()}

@@ -5,8 +5,9 @@ from __future__ import annotations
 
 import json
 import logging
-import random
+import math
 import time
+from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,44 +24,26 @@ from dis_dist.diffusion import create_diffusion
 from dis_dist.diffusion.sampling import sample
 from dis_dist.dist.env import DistEnv, init_distributed
 from dis_dist.dist.strategy import StepResult, build_strategy
-from dis_dist.errors import CheckpointError, TrainingError
+from dis_dist.errors import CheckpointError, CheckpointMismatch, TrainingError
 from dis_dist.eval.fid import format_metrics
 from dis_dist.models import build_model
 from dis_dist.models.flops import model_flops
-from dis_dist.train.checkpoint import CheckpointManager, resolve_resume
+from dis_dist.train.checkpoint import CheckpointManager, resolve_resume, verify_checkpoint
 from dis_dist.train.ema import ema_decay_at
 from dis_dist.train.evaluation import Evaluator
 from dis_dist.train.lr import lr_factor
 from dis_dist.train.metrics import RunLogger, format_duration, peak_flops, peak_memory_gb
 from dis_dist.train.preemption import StopRequest
+from dis_dist.train.safe_load import load_torch
 from dis_dist.utils.images import make_grid, save_png, to_uint8
 from dis_dist.utils.seeding import mix_seed
 
 log = logging.getLogger("dis_dist.train")
 
-# Model config keys that change the parameters: a checkpoint only resumes a run that agrees.
-ARCHITECTURE_KEYS = ("name", "conditional", "learn_sigma")
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
-
-
-def rng_state() -> dict:
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def set_rng_state(state: dict) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+TRAINER_STATE = "trainer.json"  # step, counters, schedule and data position of a checkpoint
+MODEL_INFO = "model.json"  # what build_model needs, and what the weights were trained on
+# The seed stream of the model's own randomness (label dropout, drop path), beside the noise's.
+MODEL_RANDOMNESS = 1
 
 
 @dataclass
@@ -89,7 +72,7 @@ class Trainer:
             world_size=self.env.world_size,
         )
         self.num_classes = self.loader.num_classes if cfg.model.conditional else 0
-        seed_everything(cfg.train.seed)  # the same initial weights on every rank
+        torch.manual_seed(cfg.train.seed)  # the same initial weights on every rank
         # What build_model needs to rebuild this model anywhere (saved with every checkpoint).
         self.model_spec = {
             "name": cfg.model.name, "input_size": self.loader.image_size,
@@ -106,7 +89,6 @@ class Trainer:
         self.num_params = sum(p.numel() for p in model.parameters())
         # Training FLOPs per image (forward + backward = 3x forward), for MFU.
         self.flops_per_image = 3 * model_flops(**self.model_spec).total
-        seed_everything(cfg.train.seed + self.env.rank)  # per-rank label and path dropout
         diff = cfg.diffusion
         self.diffusion = create_diffusion(
             num_steps=diff.num_steps, schedule=diff.schedule, learn_sigma=cfg.model.learn_sigma
@@ -147,30 +129,28 @@ class Trainer:
         self.images_per_sec = float("nan")  # and its throughput
 
     # -- checkpoints ------------------------------------------------------------------------
+    def model_info(self) -> dict:
+        """What ``model.json`` records: build_model's arguments, the strategy, and the data and
+        diffusion the weights belong to. A checkpoint resumes only a run that agrees on all of it."""
+        return {**self.model_spec, "strategy": self.strategy.name, "vae": self.loader.vae,
+                "scaling_factor": self.loader.scaling_factor, "class_names": list(self.loader.class_names),
+                "diffusion": {"num_steps": self.cfg.diffusion.num_steps, "schedule": self.cfg.diffusion.schedule}}
+
     def save_checkpoint(self) -> Path:
         def write(directory: Path) -> Future | None:
             pending = self.strategy.save(directory)
-            torch.save(rng_state(), directory / f"rng_rank{self.env.rank}.pt")
             if self.env.is_main:
-                torch.save(
-                    {
-                        "step": self.step,
-                        "ema_updates": self.ema_updates,
-                        "skipped_steps": self.skipped_steps,
-                        "last_loss": self.last_loss,
-                        "scheduler": self.scheduler.state_dict(),
-                        "loader": self.loader.state_dict(),
-                        "world_size": self.env.world_size,
-                    },
-                    directory / "trainer.pt",
-                )
+                state = {
+                    "step": self.step,
+                    "ema_updates": self.ema_updates,
+                    "skipped_steps": self.skipped_steps,
+                    "last_loss": self.last_loss if math.isfinite(self.last_loss) else None,
+                    "scheduler": self.scheduler.state_dict(),
+                    "loader": self.loader.state_dict(),
+                }
+                (directory / TRAINER_STATE).write_text(json.dumps(state, indent=1))
                 save_config(self.cfg, directory / "config.yaml")
-                model_info = {**self.model_spec, "strategy": self.strategy.name, "vae": self.loader.vae,
-                              "scaling_factor": self.loader.scaling_factor,
-                              "class_names": list(self.loader.class_names),
-                              "diffusion": {"num_steps": self.cfg.diffusion.num_steps,
-                                            "schedule": self.cfg.diffusion.schedule}}
-                (directory / "model.json").write_text(json.dumps(model_info, indent=2))
+                (directory / MODEL_INFO).write_text(json.dumps(self.model_info(), indent=2))
             return pending
 
         path = self.checkpoints.save(self.step, write, is_main=self.env.is_main, barrier=self.env.barrier)
@@ -179,34 +159,105 @@ class Trainer:
                      if self.cfg.checkpoint.async_save else "")
         return path
 
+    def check_model_info(self, path: Path) -> None:
+        """Raise CheckpointError naming every key of ``path``'s model.json that differs from this run."""
+        file = path / MODEL_INFO
+        try:
+            saved = json.loads(file.read_text())
+        except (OSError, ValueError) as e:
+            raise CheckpointError(f"{file} is unreadable: {e}") from None
+        if not isinstance(saved, dict):
+            raise CheckpointError(f"{file} is not a JSON object")
+        current = json.loads(json.dumps(self.model_info()))  # tuples as lists, as saved
+        diffs = [f"{key}: checkpoint {saved.get(key, '(none)')!r}, this run {current.get(key, '(none)')!r}"
+                 for key in sorted(current.keys() | saved.keys()) if saved.get(key) != current.get(key)]
+        if diffs:
+            raise CheckpointMismatch(
+                f"checkpoint {str(path)!r} belongs to another model or data than this run ("
+                + "; ".join(diffs) + "): use another run_dir, --resume none, or the settings it was trained with"
+            )
+
+    def _read_trainer_state(self, path: Path) -> dict:
+        file = path / TRAINER_STATE
+        if not file.is_file() and (path / "trainer.pt").is_file():  # written by versions before 0.2
+            return load_torch(path / "trainer.pt")
+        try:
+            state = json.loads(file.read_text())
+        except (OSError, ValueError) as e:
+            raise CheckpointError(f"{file} is unreadable: {e}") from None
+        if not isinstance(state, dict):
+            raise CheckpointError(f"{file} is not a JSON object")
+        return state
+
     def load_checkpoint(self, path: Path) -> None:
-        saved = yaml.safe_load((path / "config.yaml").read_text()).get("model", {})
-        current = to_dict(self.cfg)["model"]
-        for key in ARCHITECTURE_KEYS:
-            if saved.get(key) != current[key]:
-                raise CheckpointError(
-                    f"checkpoint {str(path)!r} holds a model with model.{key}={saved.get(key)!r}, "
-                    f"but the config says {current[key]!r}; use another run_dir or --resume none"
-                )
+        """Restore everything a checkpoint holds (collective). Raises CheckpointError."""
+        self.check_model_info(path)
+        state = self._read_trainer_state(path)
         self.strategy.load(path)
-        state = torch.load(path / "trainer.pt", weights_only=False)
-        self.step = state["step"]
-        self.ema_updates = state["ema_updates"]
-        self.skipped_steps = state["skipped_steps"]
-        self.last_loss = state["last_loss"]
-        self.scheduler.load_state_dict(state["scheduler"])
-        self.loader.load_state_dict(state["loader"])
-        rng_file = path / f"rng_rank{self.env.rank}.pt"
-        if rng_file.is_file():
-            set_rng_state(torch.load(rng_file, weights_only=False))
-        else:  # resumed on more ranks than were saved
-            log.warning("%s has no RNG state for rank %d: it is seeded afresh", path, self.env.rank)
-            seed_everything(mix_seed(self.cfg.train.seed, self.env.rank, self.step))
-        if state.get("world_size", 1) != self.env.world_size:
-            log.warning("checkpoint written by %d rank(s), resumed on %d: model-internal randomness "
-                        "(label and path dropout) differs from an uninterrupted run from here on",
-                        state.get("world_size", 1), self.env.world_size)
+        try:
+            self.step = int(state["step"])
+            self.ema_updates = int(state["ema_updates"])
+            self.skipped_steps = int(state["skipped_steps"])
+            self.last_loss = float("nan") if state["last_loss"] is None else float(state["last_loss"])
+            self.scheduler.load_state_dict(state["scheduler"])
+            self.loader.load_state_dict(state["loader"])
+        except (KeyError, TypeError, ValueError, AttributeError) as e:
+            raise CheckpointError(f"{path / TRAINER_STATE} is damaged: {type(e).__name__}: {e}") from None
         log.info("resumed from %s at step %d", path, self.step)
+
+    def _resume(self, resume: str) -> Path | None:
+        """Collective. Load the checkpoint ``--resume`` names and return its path: with "auto",
+        the newest complete one that loads (damaged ones are skipped with a warning); None when
+        there is none (a fresh run) or with "none"."""
+        choice = [None]
+        if self.env.is_main:
+            if resume == "auto":
+                choice = [[str(p) for _, p in reversed(self.checkpoints.complete())]]
+            else:
+                path = resolve_resume(resume, self.checkpoints)
+                choice = [[str(path)] if path is not None else []]
+        if self.env.distributed:
+            dist.broadcast_object_list(choice, src=0)
+        candidates = [Path(p) for p in choice[0]]
+        failures = []
+        for path in candidates:
+            # Rank 0 checks the files (cheap: no tensor data is read); then every rank loads.
+            reason = self._agree(self._attempt(verify_checkpoint, path) if self.env.is_main else None)
+            if reason is None:
+                reason = self._agree(self._attempt(self.load_checkpoint, path))
+            if reason is None:
+                return path
+            if resume != "auto":
+                raise CheckpointError(reason)
+            failures.append(f"{path.name}: {reason}")
+            if self.env.is_main:
+                log.warning("skipping checkpoint %s: %s", path, reason)
+        if failures:
+            raise CheckpointError(
+                f"no loadable checkpoint in {str(self.checkpoints.root)!r} ({'; '.join(failures)}); "
+                f"restore one, or start afresh with --resume none"
+            )
+        return None
+
+    @staticmethod
+    def _attempt(fn: Callable[[Path], None], path: Path) -> str | None:
+        """None when ``fn(path)`` succeeds; the reason when it raises CheckpointError (a
+        checkpoint that belongs to another run raises on: it is no reason to fall back)."""
+        try:
+            fn(path)
+        except CheckpointMismatch:
+            raise
+        except CheckpointError as e:
+            return str(e)
+        return None
+
+    def _agree(self, reason: str | None) -> str | None:
+        """The first reason any rank has (None when none has one)."""
+        if not self.env.distributed:
+            return reason
+        reasons: list[str | None] = [None] * self.env.world_size
+        dist.all_gather_object(reasons, reason)
+        return next((f"rank {r}: {x}" for r, x in enumerate(reasons) if x is not None), None)
 
     # -- samples ----------------------------------------------------------------------------
     def sample_grid(self) -> np.ndarray | None:
@@ -249,20 +300,18 @@ class Trainer:
                  self.cfg.eval.reference, time.perf_counter() - start, format_metrics(metrics))
 
     # -- the loop ---------------------------------------------------------------------------
-    def _resolve_resume(self, resume: str) -> Path | None:
-        """Rank 0 picks the checkpoint; every rank resumes from that one."""
-        choice = [resolve_resume(resume, self.checkpoints) if self.env.is_main else None]
-        if self.env.distributed:
-            dist.broadcast_object_list(choice, src=0)
-        return choice[0]
-
-    def _noise(self, x: torch.Tensor, micro: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Timesteps and noise of one micro-batch, drawn from its place in the global batch: a
-        run computes the same thing whatever its number of ranks (for the same micro-batch)."""
+    def _randomness(self, x: torch.Tensor, micro: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Timesteps and noise of one micro-batch, and the seed of the model's own randomness
+        (label dropout and drop path, which read the global RNG because activation checkpointing
+        replays it), all from the micro-batch's place in the global batch: a run draws the same
+        whatever its number of ranks (for the same micro-batch), and a resumed run what the
+        uninterrupted one drew, with no RNG state to save."""
         chunk = (self.step * self.accum + micro) * self.env.world_size + self.env.rank
         gen = torch.Generator(self.env.device).manual_seed(mix_seed(self.cfg.train.seed, chunk))
         t = torch.randint(0, self.diffusion.num_timesteps, (x.shape[0],), device=x.device, generator=gen)
-        return t, torch.randn(x.shape, device=x.device, generator=gen)
+        noise = torch.randn(x.shape, device=x.device, generator=gen)
+        torch.manual_seed(mix_seed(self.cfg.train.seed, chunk, MODEL_RANDOMNESS))
+        return t, noise
 
     def _gather_stats(self, values: torch.Tensor) -> torch.Tensor:
         """(world, k) of every rank's ``values`` (k,), on rank 0 and everywhere."""
@@ -297,10 +346,8 @@ class Trainer:
         cfg, env = self.cfg, self.env
         end_step = min(cfg.train.steps, stop_at_step or cfg.train.steps)
         start = time.perf_counter()
-        ckpt = self._resolve_resume(resume)
-        if ckpt is not None:
-            self.load_checkpoint(ckpt)
-        elif resume == "none" and env.is_main and self.checkpoints.complete():
+        ckpt = self._resume(resume)
+        if ckpt is None and resume == "none" and env.is_main and self.checkpoints.complete():
             log.warning("--resume none: existing checkpoints in %s will be overwritten", self.checkpoints.root)
         if env.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
@@ -333,7 +380,7 @@ class Trainer:
                     x, y = next(self.loader)
                     x, y = x.to(env.device, non_blocking=True), y.to(env.device, non_blocking=True)
                     window["data"] += time.perf_counter() - t_data
-                    t, noise = self._noise(x, micro)
+                    t, noise = self._randomness(x, micro)
                     kwargs = {"y": y} if self.num_classes else {}
                     with self.strategy.micro_batch(last=micro == self.accum - 1):
                         with autocast:
