@@ -7,14 +7,16 @@ Model states, per parameter (P parameters, S ranks sharing one copy of the model
     strategy          weights        gradients   optimiser (master + Adam m, v)   EMA (fp32)
     ddp               4              4           8                                4
     fsdp / hsdp       4/S            4/S         8/S                              4/S
-    zero1 (bf16)      2              2           (4 + 8)/S                        4/S
-    zero2 (bf16)      2              2/S         (4 + 8)/S                        4/S
-    zero3 (bf16)      2/S            2/S         (4 + 8)/S                        4/S
+    zero1             4              4           (4 + 8)/S                        4/S
+    zero2             4              4/S         (4 + 8)/S                        4/S
+    zero3             4/S            4/S         (4 + 8)/S                        4/S
 
 FSDP keeps fp32 sharded weights (they are the master copy) and gathers bf16 copies block by
 block: two blocks at a time (one prefetched), and with ``reshard_after_forward=false`` the whole
-model from forward to backward. DeepSpeed keeps bf16 weights beside fp32 master partitions; in
-fp32 runs its "bf16" columns are 4 bytes. HSDP shards over the GPUs of a node (S = GPUs per node).
+model from forward to backward. DeepSpeed runs bf16 as torch autocast over fp32 weights (its
+``torch_autocast`` mode, so the scan's parameters stay fp32) beside fp32 master partitions;
+Linear and Conv weights travel in bf16 (gradient buckets, ZeRO-3's gathers). HSDP shards over
+the GPUs of a node (S = GPUs per node).
 
 Activations per sample are ``ACT_BYTES * tokens * width`` per block, a coefficient measured from
 this implementation's autograd graph (tests/test_plan.py re-measures it on small models); with
@@ -115,8 +117,8 @@ def estimate(
             tr = gathered + 4 * block_params  # + one block's unsharded fp32 gradient
         else:
             stage = int(s.name[-1])
-            w = lp * P / (shards if stage == 3 else 1)
-            g = lp * P / (shards if stage >= 2 else 1)
+            w = 4 * P / (shards if stage == 3 else 1)
+            g = 4 * P / (shards if stage >= 2 else 1)
             o, e = (4 * P + 8 * P) / shards, 4 * P / shards  # fp32 master partition + Adam
             tr = ZERO_BUCKETS[stage] * lp + (2 * lp * block_params if stage == 3 else 0)
         out.append(Estimate(s, w, g, o, e, tr, act, act_ckpt, act_block))

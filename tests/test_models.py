@@ -174,9 +174,10 @@ def test_mixer_backward_branch_is_the_reversed_sequence():
     def branch(p, x, z):
         causal = F.conv1d(x, p.conv1d.weight, p.conv1d.bias, padding=3, groups=x.shape[1])
         x = F.silu(causal[..., : x.shape[-1]])
-        delta, B, C = p.project(x)
-        return selective_scan(x, delta, -torch.exp(p.A_log), B, C, p.D, z, p.dt_proj.bias, True,
-                              backend="reference")
+        dt, B, C = p.x_proj(x.transpose(1, 2)).split([p.dt_rank, p.d_state, p.d_state], dim=-1)
+        delta = (dt @ p.dt_proj.weight.T).transpose(1, 2)
+        return selective_scan(x, delta, -torch.exp(p.A_log), B.transpose(1, 2), C.transpose(1, 2), p.D, z,
+                              p.dt_proj.bias, True, backend="reference")
 
     expected = branch(mixer.fwd, x, z) + branch(mixer.bwd, x.flip(-1), z.flip(-1)).flip(-1)
     expected = mixer.out_proj(expected.transpose(1, 2))

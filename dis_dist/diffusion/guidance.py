@@ -21,7 +21,7 @@ def guided_model(
     channels: str = "all",
 ) -> Callable[..., Tensor]:
     """Return f(x, t, y) = the model's output with its eps replaced by
-    eps_uncond + scale * (eps_cond - eps_uncond); cond and uncond run as one doubled batch.
+    eps_uncond + scale * (eps_cond - eps_uncond), in fp32; cond and uncond run as one doubled batch.
 
     ``channels="all"`` guides every eps channel; ``"first3"`` only the first three (DiT's
     reproducibility convention for 4-channel latents). The variance channels are the
@@ -36,7 +36,7 @@ def guided_model(
     def forward(x: Tensor, t: Tensor, y: Tensor) -> Tensor:
         null = torch.full_like(y, null_class)
         out = model(torch.cat([x, x]), torch.cat([t, t]), torch.cat([y, null]))
-        cond, uncond = out.chunk(2)
+        cond, uncond = out.float().chunk(2)  # the difference of two bf16 outputs loses bits: fp32
         eps = uncond[:, :guided] + scale * (cond[:, :guided] - uncond[:, :guided])
         return torch.cat([eps, cond[:, guided:]], dim=1)
 

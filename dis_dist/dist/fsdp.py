@@ -1,5 +1,8 @@
 """FSDP2 (``fully_shard``): each DiS block, then the root, sharded over the ranks (or, with
-``dist.shard_group_size``, over groups of ranks replicated across the others: HSDP).
+``dist.shard_group_size``, over groups of ranks replicated across the others: HSDP). Under bf16
+the blocks are gathered in bf16, except each mixer's two scan-direction modules (their own
+units, about a tenth of a block's parameters), which stay fp32 with the root (embeddings and
+final layer), so that the scan's A, D and dt bias are never rounded to bf16.
 
 The EMA is a list of DTensors sharded exactly like the parameters and updated shard by shard,
 with no communication. Checkpoints go through ``torch.distributed.checkpoint`` (each rank
@@ -72,18 +75,19 @@ class FSDPStrategy(Strategy):
         if not dc.cpu_offload:
             model = model.to(env.device)
 
-        def policy(cast_inputs: bool) -> MixedPrecisionPolicy:
-            if not bf16:
-                return MixedPrecisionPolicy()
-            return MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32,
-                                        cast_forward_inputs=cast_inputs)
-
+        # bf16 gathers only the blocks' big Linear weights and norms; every unit keeps its inputs
+        # as they come (autocast sets the compute dtype): the fp32 residual stream is not rounded
+        # on entry to a block, nor are timesteps before the sinusoidal embedding.
+        full = MixedPrecisionPolicy(cast_forward_inputs=False)
+        low = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32,
+                                   cast_forward_inputs=False) if bf16 else full
         shard = dict(mesh=self.mesh, reshard_after_forward=dc.reshard_after_forward, offload_policy=offload)
         for block in model.blocks():
-            fully_shard(block, mp_policy=policy(True), **shard)
-        # The root keeps its inputs as they come: timesteps up to 999 must not be rounded to
-        # bf16 before the sinusoidal embedding (autocast handles the layers' compute dtype).
-        fully_shard(model, mp_policy=policy(False), **shard)
+            if bf16:  # each scan direction's own unit, gathered in fp32: A, D and the dt bias are
+                for branch in (block.mixer.fwd, block.mixer.bwd):  # never rounded to bf16
+                    fully_shard(branch, mp_policy=full, **shard)
+            fully_shard(block, mp_policy=low, **shard)
+        fully_shard(model, mp_policy=full, **shard)  # the root: embeddings and final layer, in fp32
         self.model: FSDPModule = model  # type: ignore[assignment]
         self._names = [n for n, _ in model.named_parameters()]
         self._ema = [p.detach().clone() for p in model.parameters()]  # DTensors, sharded alike

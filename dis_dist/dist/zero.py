@@ -48,7 +48,10 @@ OWNED = {
     "scheduler": "optim.* (warm-up and schedule)",
     "bf16": "train.precision",
     "fp16": "train.precision",
+    "torch_autocast": "train.precision",
 }
+LOWER_PRECISION_MODULES = ["torch.nn.modules.linear.Linear", "torch.nn.modules.conv.Conv1d",
+                           "torch.nn.modules.conv.Conv2d"]
 
 
 def deepspeed_config(cfg: RunConfig, accum: int) -> dict[str, Any]:
@@ -61,7 +64,11 @@ def deepspeed_config(cfg: RunConfig, accum: int) -> dict[str, Any]:
         # memory_efficient_linear would replace torch.nn.functional.linear for the whole process
         # (DeepSpeed never restores it): every later model in the process would compute differently.
         "zero_optimization": {"stage": cfg.dist.zero_stage, "memory_efficient_linear": False},
-        "bf16": {"enabled": cfg.train.precision == "bf16"},
+        # bf16 as torch autocast over fp32 weights (DeepSpeed's bf16 mode would store every weight
+        # in bf16, the scan's A, D and dt bias included); Linear and Conv weights communicate in
+        # bf16 (dt_proj is a DeltaProjection, not a Linear, so its bias stays fp32).
+        "torch_autocast": {"enabled": cfg.train.precision == "bf16", "dtype": "bfloat16",
+                           "lower_precision_safe_modules": LOWER_PRECISION_MODULES},
         "zero_allow_untested_optimizer": True,  # the trainer's torch AdamW
         "steps_per_print": 2**31 - 1,  # the trainer logs
     }

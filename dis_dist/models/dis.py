@@ -17,7 +17,7 @@ import torch.utils.checkpoint
 from torch import Tensor, nn
 
 from dis_dist.errors import ConfigError
-from dis_dist.models.layers import DropPath, FinalLayer, LabelEmbedder, TimestepEmbedder
+from dis_dist.models.layers import DropPath, FinalLayer, LabelEmbedder, RMSNorm, TimestepEmbedder, at_least_fp32
 from dis_dist.models.mamba import BiMamba
 
 
@@ -44,7 +44,9 @@ _NAME = re.compile(r"^DiS-([A-Z])/(\d+)$")
 class DiSBlock(nn.Module):
     """[skip projection] -> residual add (stochastic depth) -> RMSNorm -> bidirectional Mamba.
 
-    Returns (mixer output, residual stream): the mixer output is what a long skip carries.
+    Returns (mixer output, residual stream): the mixer output is what a long skip carries. The
+    residual stream and its norm stay in fp32 under any autocast or parameter dtype (the
+    reference code's ``residual_in_fp32``, and its fp32 norms).
     """
 
     def __init__(
@@ -52,7 +54,7 @@ class DiSBlock(nn.Module):
     ) -> None:
         super().__init__()
         self.skip_linear = nn.Linear(2 * width, width) if skip else None
-        self.norm = nn.RMSNorm(width, eps=norm_eps)
+        self.norm = RMSNorm(width, eps=norm_eps)
         self.mixer = BiMamba(width, **mixer_kwargs)
         self.drop_path = DropPath(drop_path)
 
@@ -61,7 +63,7 @@ class DiSBlock(nn.Module):
     ) -> tuple[Tensor, Tensor]:
         if self.skip_linear is not None:
             hidden = self.skip_linear(torch.cat([hidden, skip], dim=-1))
-        residual = hidden if residual is None else residual + self.drop_path(hidden)
+        residual = at_least_fp32(hidden if residual is None else residual + self.drop_path(hidden))
         return self.mixer(self.norm(residual)), residual
 
 
@@ -118,7 +120,7 @@ class DiS(nn.Module):
         self.out_blocks = nn.ModuleList(
             DiSBlock(width, rates[half + 1 + i], True, norm_eps, **mixer) for i in range(half)
         )
-        self.norm_f = nn.RMSNorm(width, eps=norm_eps)
+        self.norm_f = RMSNorm(width, eps=norm_eps)
         self.final_drop_path = DropPath(drop_path_rate)
         self.final_layer = FinalLayer(width, patch_size, self.out_channels, num_classes > 0)
         self.checkpoint_every = 0
@@ -174,7 +176,7 @@ class DiS(nn.Module):
             label_token = self.label_embed(y)
             prefix.insert(0, label_token[:, None])
             cond = time_token + label_token
-        hidden = torch.cat(prefix + [tokens.to(time_token.dtype)], dim=1) + self.pos_embed
+        hidden = at_least_fp32(torch.cat(prefix + [tokens.to(time_token.dtype)], dim=1)) + self.pos_embed
 
         residual, skips = None, []
         for i, block in enumerate(self.in_blocks):

@@ -5,7 +5,23 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
+
+
+def at_least_fp32(t: Tensor) -> Tensor:
+    """``t`` in fp32, or as it is when wider (the float64 models of the tests stay float64)."""
+    return t.to(torch.promote_types(t.dtype, torch.float32))
+
+
+class RMSNorm(nn.RMSNorm):
+    """``nn.RMSNorm`` computed in fp32 (or wider) whatever the dtype of its input, of its weight (a
+    bf16 copy under FSDP's mixed precision) or of autocast: the norm of the fp32 residual stream,
+    as the reference code computes it in fp32 training."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        weight = None if self.weight is None else at_least_fp32(self.weight)
+        return F.rms_norm(at_least_fp32(x), self.normalized_shape, weight, self.eps)
 
 
 def timestep_embedding(t: Tensor, dim: int, max_period: float = 10000.0) -> Tensor:

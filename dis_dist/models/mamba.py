@@ -15,11 +15,18 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from dis_dist.models.layers import at_least_fp32
 from dis_dist.ops.selective_scan import bidirectional_selective_scan
 
 
+class DeltaProjection(nn.Linear):
+    """dt_proj: a Linear of its own class, so that mixed-precision policies that lower Linear
+    layers to bf16 by class (DeepSpeed's torch_autocast) leave its bias, the dt bias, in fp32."""
+
+
 class SSMBranch(nn.Module):
-    """The parameters of one scan direction: depthwise causal conv, x_proj, dt_proj, A_log, D."""
+    """The parameters of one scan direction (depthwise causal conv, x_proj, dt_proj, A_log, D),
+    and what they make of the mixer's input: the scan's inputs for that direction."""
 
     def __init__(
         self,
@@ -36,7 +43,7 @@ class SSMBranch(nn.Module):
         self.dt_min, self.dt_max, self.dt_init_floor = dt_min, dt_max, dt_init_floor
         self.conv1d = nn.Conv1d(d_inner, d_inner, d_conv, groups=d_inner, bias=True)
         self.x_proj = nn.Linear(d_inner, dt_rank + 2 * d_state, bias=False)
-        self.dt_proj = nn.Linear(dt_rank, d_inner, bias=True)
+        self.dt_proj = DeltaProjection(dt_rank, d_inner, bias=True)
         self.A_log = nn.Parameter(torch.empty(d_inner, d_state))
         self.D = nn.Parameter(torch.empty(d_inner))
         self.dt_proj.bias._no_reinit = True  # keeps its dt init through the model's init
@@ -59,12 +66,23 @@ class SSMBranch(nn.Module):
         self.A_log.copy_(torch.log(a).expand(d_inner, -1))
         self.D.fill_(1.0)
 
-    def project(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """x (b, d, L) after conv -> delta (b, d, L) without bias, B and C (b, N, L)."""
-        x_dbl = self.x_proj(x.transpose(1, 2))
+    def forward(self, x: Tensor, reverse: bool = False) -> tuple[Tensor, ...]:
+        """x (b, d, L) -> the scan's inputs of this direction, in sequence order: u, delta
+        without bias (b, d, L), B, C (b, N, L), and A, D, the delta bias in fp32, as the
+        reference DiS code casts them (new tensors: a sharded strategy may free its gathered
+        parameters when this returns). ``reverse``: the branch of the reversed sequence, whose
+        causal conv is an anti-causal conv with the kernel flipped."""
+        length, pad = x.shape[-1], self.conv1d.kernel_size[0] - 1
+        weight = self.conv1d.weight.flip(-1) if reverse else self.conv1d.weight
+        u = F.conv1d(x, weight, self.conv1d.bias, padding=pad, groups=x.shape[1])
+        u = F.silu(u[..., pad:] if reverse else u[..., :length])
+        x_dbl = self.x_proj(u.transpose(1, 2))
         dt, B, C = x_dbl.split([self.dt_rank, self.d_state, self.d_state], dim=-1)
         delta = F.linear(dt, self.dt_proj.weight).transpose(1, 2)
-        return delta, B.transpose(1, 2), C.transpose(1, 2)
+        A = -torch.exp(at_least_fp32(self.A_log))
+        D = at_least_fp32(self.D).clone()
+        delta_bias = at_least_fp32(self.dt_proj.bias).clone()
+        return u, delta, A, B.transpose(1, 2), C.transpose(1, 2), D, delta_bias
 
 
 class BiMamba(nn.Module):
@@ -90,26 +108,10 @@ class BiMamba(nn.Module):
         self.out_proj = nn.Linear(self.d_inner, d_model, bias=False)
 
     def forward(self, hidden: Tensor) -> Tensor:
-        length = hidden.shape[1]
         x, z = self.in_proj(hidden).transpose(1, 2).chunk(2, dim=1)  # (b, d_inner, L) each
-        pad = self.d_conv - 1
-        conv_f, conv_b = self.fwd.conv1d, self.bwd.conv1d
-        x_f = F.conv1d(x, conv_f.weight, conv_f.bias, padding=pad, groups=self.d_inner)[..., :length]
-        # Causal conv of the reversed sequence, reversed back == anti-causal conv, flipped kernel.
-        x_b = F.conv1d(x, conv_b.weight.flip(-1), conv_b.bias, padding=pad, groups=self.d_inner)
-        x_f, x_b = F.silu(x_f), F.silu(x_b[..., pad:])
-        delta_f, B_f, C_f = self.fwd.project(x_f)
-        delta_b, B_b, C_b = self.bwd.project(x_b)
+        # The backward branch is computed on the sequence as it is and scanned right to left.
+        u, delta, A, B, C, D, delta_bias = (torch.stack(pair) for pair in zip(self.fwd(x), self.bwd(x, reverse=True)))
         y = bidirectional_selective_scan(
-            torch.stack([x_f, x_b]),
-            torch.stack([delta_f, delta_b]),
-            -torch.exp(torch.stack([self.fwd.A_log, self.bwd.A_log])),
-            torch.stack([B_f, B_b]),
-            torch.stack([C_f, C_b]),
-            D=torch.stack([self.fwd.D, self.bwd.D]),
-            z=z,
-            delta_bias=torch.stack([self.fwd.dt_proj.bias, self.bwd.dt_proj.bias]),
-            delta_softplus=True,
-            backend=self.scan_backend,
+            u, delta, A, B, C, D=D, z=z, delta_bias=delta_bias, delta_softplus=True, backend=self.scan_backend,
         )
         return self.out_proj(y.transpose(1, 2))
