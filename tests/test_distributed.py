@@ -1,9 +1,11 @@
 """Distributed strategies on CPU with gloo: ``torchrun --nproc_per_node=2`` started from pytest.
 
-One 2-rank launch trains every scenario (tests/dist_run.py); the tests compare what it wrote
-with single-process training on the same global batch in the same sample order (the data,
-timesteps and noise of a global step do not depend on the number of ranks), with itself after
-a stop and resume, and with a 1-rank resume of its FSDP checkpoint.
+One 2-rank launch trains every scenario (tests/dist_run.py), all with the default label dropout
+and drop path; the tests compare what it wrote with single-process training on the same global
+batch in the same sample order (the data, timesteps, noise and dropout of a global step do not
+depend on the number of ranks), with itself after a SIGTERM and a resume (reading the shard
+stream with 0 and 2 workers), with itself resumed past a planted checkpoint, and with a 1-rank
+resume of its FSDP checkpoint.
 """
 
 from __future__ import annotations
@@ -53,12 +55,17 @@ BF16 = {
 pytestmark = pytest.mark.slow
 
 
+# Exact resume is checked on the shard stream with each number of DataLoader workers.
+STREAM_WORKERS = {"ddp": (0, 2), "fsdp": (0, 2), "fsdp_zero2": (2,), "fsdp_async": (2,), "zero1": (0, 2),
+                  "zero2": (0, 2), "zero3": (0, 2)}
+PLANTED = ("fsdp", "zero2")
+
+
 def overrides(run_dir: Path, fmnist_root: Path, classifier: Path, *extra: str) -> list[str]:
-    # No label or path dropout: their draws are per-rank randomness, the rest is per-sample.
-    # An evaluation at the end: its samples are drawn by every rank and scored on rank 0.
+    # The default label dropout (0.1) and drop path (0.1). An evaluation at the end: its samples
+    # are drawn by every rank and scored on rank 0.
     return [
         f"run_dir={run_dir}", f"data.root={fmnist_root}", "model.name=DiS-T/8",
-        "model.class_dropout_prob=0", "model.drop_path_rate=0",
         f"train.steps={STEPS}", "train.global_batch=8", "train.micro_batch=4", "train.ema_decay=0.8",
         "optim.lr=1e-3", "optim.warmup_steps=2", "optim.schedule=cosine", "optim.weight_decay=0.01",
         "optim.grad_clip=0.5", "sample.every=0", "sample.num=4", "sample.steps=2",
@@ -95,18 +102,27 @@ def rel_error(a: dict, b: dict) -> float:
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory: pytest.TempPathFactory, fmnist_root: Path, classifier: Path) -> dict:
-    """Every scenario's output: 2-rank runs (straight and stopped/resumed), single-process
-    references, and 1-rank runs of the memory baselines and the FSDP resume at world size 1."""
+def runs(tmp_path_factory: pytest.TempPathFactory, fmnist_root: Path, classifier: Path, fmnist_cache: Path) -> dict:
+    """Every scenario's output: 2-rank runs (straight; on the shard stream straight and
+    signalled/resumed; resumed past a planted checkpoint), single-process references, and 1-rank
+    runs of the memory baselines and the FSDP resume at world size 1."""
     require(importlib.util.find_spec("deepspeed") is not None, "DeepSpeed (pip install deepspeed)")
     tmp = tmp_path_factory.mktemp("dist")
     two = []
     for name, extra in {**STRATEGIES, **VARIANTS, **BF16}.items():
         two.append({"overrides": overrides(tmp / name, fmnist_root, classifier, *extra),
                     "out": str(tmp / f"{name}.pt")})
-    for name in STRATEGIES:
-        two.append({"overrides": overrides(tmp / f"{name}_resumed", fmnist_root, classifier, *STRATEGIES[name]),
-                    "stop_at": STEPS // 2, "out": str(tmp / f"{name}_resumed.pt")})
+    for name, workers in STREAM_WORKERS.items():
+        for w in workers:
+            stream = [*STRATEGIES[name], "data.source=shards", f"data.url={fmnist_cache}", f"data.num_workers={w}",
+                      "data.shuffle_buffer=64", "eval.every=0"]
+            for suffix, signal_at in (("", None), ("_resumed", 2)):
+                run = f"{name}_stream{w}{suffix}"
+                two.append({"overrides": overrides(tmp / run, fmnist_root, classifier, *stream),
+                            "signal_at": signal_at, "out": str(tmp / f"{run}.pt")})
+    for name in PLANTED:
+        two.append({"overrides": overrides(tmp / f"{name}_planted", fmnist_root, classifier, *STRATEGIES[name]),
+                    "plant_from": str(tmp / name), "out": str(tmp / f"{name}_planted.pt")})
     torchrun(tmp, two, nproc=2)
 
     # A copy of the 2-rank FSDP run, resumed by one rank: it loads step 6 and trains no further.
@@ -154,13 +170,28 @@ def test_evaluation_matches_single_process(runs: dict, strategy: str) -> None:
         assert got[key] == pytest.approx(ref[key], rel=1e-4, abs=1e-6), key
 
 
-@pytest.mark.parametrize("strategy", list(STRATEGIES))
-def test_resume_matches_uninterrupted(runs: dict, strategy: str) -> None:
-    straight, resumed = runs[strategy], runs[f"{strategy}_resumed"]
+@pytest.mark.parametrize("run", [f"{n}_stream{w}" for n, ws in STREAM_WORKERS.items() for w in ws])
+def test_signal_and_resume_match_uninterrupted(runs: dict, run: str) -> None:
+    """SIGTERM on rank 0 during step 2, save, resume in a fresh Trainer: bit for bit the weights
+    and EMA of the uninterrupted run, with dropout, drop path and the shard stream's workers."""
+    straight, resumed = runs[run], runs[f"{run}_resumed"]
+    assert resumed["step"] == straight["step"] == STEPS
     for key in ("model", "ema"):
         for name, value in straight[key].items():
-            torch.testing.assert_close(resumed[key][name], value, rtol=0, atol=0, msg=f"{strategy} {key} {name}")
+            torch.testing.assert_close(resumed[key][name], value, rtol=0, atol=0, msg=f"{run} {key} {name}")
     assert resumed["loss"] == straight["loss"]
+
+
+@pytest.mark.parametrize("strategy", PLANTED)
+def test_a_planted_newest_checkpoint_is_skipped_and_never_runs(runs: dict, strategy: str) -> None:
+    """Every file of the newest checkpoint (DCP shards and metadata; DeepSpeed's engine files
+    and EMA fragments) replaced by a code-running pickle: the run resumes from the one before and
+    ends where the uninterrupted run did; no payload ran."""
+    planted, straight = runs[f"{strategy}_planted"], runs[strategy]
+    assert not planted["payload_ran"]
+    for key in ("model", "ema"):
+        for name, value in straight[key].items():
+            torch.testing.assert_close(planted[key][name], value, rtol=0, atol=0, msg=f"{strategy} {key} {name}")
 
 
 @pytest.mark.parametrize("variant", list(VARIANTS))
