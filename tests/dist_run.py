@@ -12,6 +12,7 @@ every rank's stored elements (``Strategy.local_numel``) and whether a payload ra
 
 from __future__ import annotations
 
+import io
 import json
 import logging
 import os
@@ -40,9 +41,11 @@ class _Payload:
 def plant(source: Path, run_dir: Path) -> None:
     shutil.copytree(source, run_dir)
     newest = sorted((run_dir / "checkpoints").glob("step_*"))[-1]
+    payload = io.BytesIO()
+    torch.save({"state": _Payload(str(run_dir / PAYLOAD))}, payload)
     for path in newest.rglob("*"):
         if path.is_file() and path.name not in ("COMPLETE", "model.json"):
-            torch.save({"state": _Payload(str(run_dir / PAYLOAD))}, path)
+            path.write_bytes(payload.getvalue())
 
 
 def signal_during(trainer: Trainer, step: int) -> None:

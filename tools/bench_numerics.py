@@ -10,6 +10,7 @@ float64. ``--before REV`` also runs the same measurement with the code of git re
 
     python tools/bench_numerics.py
     python tools/bench_numerics.py --before 3d10a9a --json numerics.json
+    python tools/bench_numerics.py --device cuda      # bf16 under CUDA's autocast (float64 on the CPU)
 """
 
 from __future__ import annotations
@@ -40,8 +41,9 @@ def rel_error(out: torch.Tensor, truth: torch.Tensor) -> float:
     return float((out.double() - truth).norm() / truth.norm())
 
 
-def measure(model_name: str, latent: int, channels: int, classes: int, samples: int, seed: int) -> dict[str, float]:
-    """{"<strategy> <precision>": relative L2 error of the output against float64}."""
+def measure(model_name: str, latent: int, channels: int, classes: int, samples: int, seed: int,
+            device: torch.device) -> dict[str, float]:
+    """{"<strategy> <precision>": relative L2 error of the output against float64 (on the CPU)}."""
     torch.manual_seed(seed)
     model = build_model(model_name, input_size=latent, in_channels=channels, num_classes=classes).eval()
     with torch.no_grad():  # random values where DiT's init puts zeros, or the output is 0
@@ -56,32 +58,35 @@ def measure(model_name: str, latent: int, channels: int, classes: int, samples: 
         truth = model.double()(x.double(), t.double(), y)
     model.float()
     state = {k: v.clone() for k, v in model.state_dict().items()}
+    model.to(device)
+    x, t, y = x.to(device), t.to(device), y.to(device)
     results = {}
     for precision in ("fp32", "bf16"):
-        autocast = torch.autocast("cpu", torch.bfloat16, enabled=precision == "bf16")
+        autocast = torch.autocast(device.type, torch.bfloat16, enabled=precision == "bf16")
         with torch.no_grad(), autocast:
-            results[f"single {precision}"] = rel_error(model(x, t, y), truth)
-        results[f"fsdp {precision}"] = rel_error(_fsdp_forward(model_name, latent, channels, classes, state,
-                                                               precision, x, t, y), truth)
+            results[f"single {precision}"] = rel_error(model(x, t, y).cpu(), truth)
+        out = _fsdp_forward(model_name, latent, channels, classes, state, precision, x, t, y, device)
+        results[f"fsdp {precision}"] = rel_error(out.cpu(), truth)
     return results
 
 
 def _fsdp_forward(model_name: str, latent: int, channels: int, classes: int, state: dict, precision: str,
-                  x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+                  x: torch.Tensor, t: torch.Tensor, y: torch.Tensor, device: torch.device) -> torch.Tensor:
     """The model's output under FSDPStrategy on a process group of one rank."""
     from dis_dist.dist.fsdp import FSDPStrategy
 
     if not dist.is_initialized():
         store = dist.FileStore(tempfile.mktemp(prefix="numerics_store_"), 1)
-        dist.init_process_group("gloo", store=store, rank=0, world_size=1, timeout=datetime.timedelta(minutes=5))
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", store=store, rank=0, world_size=1,
+                                timeout=datetime.timedelta(minutes=5))
     cfg = load_config(None, ["dist.strategy=fsdp", f"train.precision={precision}"])
     model = build_model(model_name, input_size=latent, in_channels=channels, num_classes=classes)
     model.load_state_dict(state)
-    strategy = FSDPStrategy(DistEnv(0, 1, 0, torch.device("cpu")), cfg, model, 1,
+    strategy = FSDPStrategy(DistEnv(0, 1, 0, device), cfg, model, 1,
                             lambda groups: torch.optim.AdamW(groups),
                             lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0))
     strategy.model.eval()
-    with torch.no_grad(), torch.autocast("cpu", torch.bfloat16, enabled=precision == "bf16"):
+    with torch.no_grad(), torch.autocast(device.type, torch.bfloat16, enabled=precision == "bf16"):
         return strategy.model(x, t, y).float()
 
 
@@ -104,12 +109,15 @@ def main() -> int:
     p.add_argument("--classes", type=int, default=1000)
     p.add_argument("--samples", type=int, default=4)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="cpu", help="where the fp32/bf16 passes run (cpu, cuda)")
     p.add_argument("--before", help="a git revision to measure too (the code before a change)")
     p.add_argument("--json", help="write the results here")
     args = p.parse_args()
     shape = ["--model", args.model, "--latent", str(args.latent), "--channels", str(args.channels),
-             "--classes", str(args.classes), "--samples", str(args.samples), "--seed", str(args.seed)]
-    after = measure(args.model, args.latent, args.channels, args.classes, args.samples, args.seed)
+             "--classes", str(args.classes), "--samples", str(args.samples), "--seed", str(args.seed),
+             "--device", args.device]
+    device = torch.device(args.device)
+    after = measure(args.model, args.latent, args.channels, args.classes, args.samples, args.seed, device)
     before = measure_at(args.before, shape) if args.before else None
     if dist.is_initialized():
         dist.destroy_process_group()
@@ -117,7 +125,7 @@ def main() -> int:
         Path(args.json).write_text(json.dumps(after if before is None else {"after": after, "before": before}))
     if CODE != ROOT:  # a measurement for measure_at: no table
         return 0
-    print(f"{args.model}, {args.latent}x{args.latent}x{args.channels}, {args.samples} random inputs: "
+    print(f"{args.model}, {args.latent}x{args.latent}x{args.channels}, {args.samples} random inputs, on {device}: "
           f"relative L2 error of the output vs float64")
     header = f"{'strategy':10} {'fp32':>10} " + (f"{'bf16 before':>12} " if before else "") + f"{'bf16':>10}"
     print(header)

@@ -17,6 +17,7 @@ from torch import Tensor, nn
 
 from dis_dist.data.fmnist import CLASS_NAMES, DEFAULT_ROOT, load_fmnist
 from dis_dist.errors import ConfigError
+from dis_dist.train.safe_load import load_torch
 from dis_dist.utils.cli import cli_main, setup_logging
 
 log = logging.getLogger(__name__)
@@ -63,7 +64,7 @@ def load_classifier(path: str | Path, device: torch.device | str = "cpu") -> Fmn
             f"python tools/train_fmnist_classifier.py --out {path}"
         )
     model = FmnistClassifier()
-    model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True)["model"])
+    model.load_state_dict(load_torch(path, map_location="cpu")["model"])
     return model.to(device).eval().requires_grad_(False)
 
 
@@ -139,7 +140,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     setup_logging()
     if Path(args.out).is_file() and not args.force:
-        saved = torch.load(args.out, map_location="cpu", weights_only=True)
+        saved = load_torch(args.out, map_location="cpu")
         print(f"classifier already trained: {args.out} (test accuracy {saved['test_accuracy']:.4f}); --force retrains")
         return 0
     acc = train_classifier(args.out, args.root, args.epochs, args.limit)

@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from dis_dist.errors import ConfigError
+from dis_dist.train.safe_load import load_torch
 
 WEIGHTS_NAME = "pt_inception-2015-12-05-6726825d.pth"
 WEIGHTS_URL = f"https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/{WEIGHTS_NAME}"
@@ -225,7 +226,7 @@ def load_inception(weights: str | Path | None, device: torch.device | str = "cpu
     tests only). The file must hold exactly this network's parameters."""
     model = FIDInceptionV3()
     if weights is not None:
-        state = torch.load(weights, map_location="cpu", weights_only=True)
+        state = load_torch(weights, map_location="cpu")
         own = model.state_dict()
         missing = [k for k in own if k not in state and not k.endswith("num_batches_tracked")]
         unexpected = [k for k in state if k not in own]

@@ -179,7 +179,7 @@ class Trainer:
 
     def _read_trainer_state(self, path: Path) -> dict:
         file = path / TRAINER_STATE
-        if not file.is_file() and (path / "trainer.pt").is_file():  # written by versions before 0.2
+        if not file.is_file() and (path / "trainer.pt").is_file():  # written before trainer.json existed
             return load_torch(path / "trainer.pt")
         try:
             state = json.loads(file.read_text())
