@@ -137,3 +137,37 @@ def test_resume_compares_the_whole_model_json(tmp_path, fmnist_root):
     for key, saved, current in [("in_channels", 1, 2), ("num_classes", 10, 3), ("input_size", 32, 8)]:
         assert f"{key}: checkpoint {saved}, this run {current}" in str(e.value)
     assert "class_names: checkpoint ['T-shirt/top'" in str(e.value)
+
+
+def test_every_loader_reads_data_only(tmp_path):
+    """The loaders behind every checkpoint format refuse a code-running pickle with a
+    CheckpointError naming the file: torch files, torch.load inside DeepSpeed (which asks for
+    weights_only=False), DCP's metadata and DCP's non-tensor items."""
+    import io
+    import pickle
+
+    from dis_dist.train.safe_load import DataOnlyPlanner, DataOnlyReader, load_torch, torch_load_as_data
+
+    marker = tmp_path / "payload-ran"
+    file = tmp_path / "planted.pt"
+    torch.save({"weights": _Payload(marker)}, file)
+    with pytest.raises(CheckpointError, match=r"planted\.pt cannot be loaded .*Unsupported global"):
+        load_torch(file)
+    original = torch.load
+    with torch_load_as_data(), pytest.raises(CheckpointError, match=r"planted\.pt"):
+        torch.load(file, map_location="cpu", weights_only=False)
+    assert torch.load is original
+    (tmp_path / "dcp").mkdir()
+    (tmp_path / "dcp" / ".metadata").write_bytes(pickle.dumps(_Payload(marker)))
+    with pytest.raises(CheckpointError, match=r"dcp/\.metadata is not plain DCP metadata"):
+        DataOnlyReader(str(tmp_path / "dcp")).read_metadata()
+    with pytest.raises(CheckpointError, match="an in-memory item"):
+        DataOnlyPlanner().load_bytes(None, io.BytesIO(file.read_bytes()))
+    assert not marker.exists()
+    assert load_torch(_saved(tmp_path, {"x": torch.ones(2), "n": [1, "a", None]}))["n"] == [1, "a", None]
+
+
+def _saved(tmp_path: Path, obj: object) -> Path:
+    path = tmp_path / "plain.pt"
+    torch.save(obj, path)
+    return path
