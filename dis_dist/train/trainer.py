@@ -209,15 +209,20 @@ class Trainer:
         """Collective. Load the checkpoint ``--resume`` names and return its path: with "auto",
         the newest complete one that loads (damaged ones are skipped with a warning); None when
         there is none (a fresh run) or with "none"."""
-        choice = [None]
+        choice: list = [None]  # rank 0's candidates, or its error (every rank raises it)
         if self.env.is_main:
-            if resume == "auto":
-                choice = [[str(p) for _, p in reversed(self.checkpoints.complete())]]
-            else:
-                path = resolve_resume(resume, self.checkpoints)
-                choice = [[str(path)] if path is not None else []]
+            try:
+                if resume == "auto":
+                    choice = [[str(p) for _, p in reversed(self.checkpoints.complete())]]
+                else:
+                    path = resolve_resume(resume, self.checkpoints)
+                    choice = [[str(path)] if path is not None else []]
+            except CheckpointError as e:
+                choice = [str(e)]
         if self.env.distributed:
             dist.broadcast_object_list(choice, src=0)
+        if isinstance(choice[0], str):
+            raise CheckpointError(choice[0])
         candidates = [Path(p) for p in choice[0]]
         failures = []
         for path in candidates:
