@@ -46,6 +46,17 @@ MODEL_INFO = "model.json"  # what build_model needs, and what the weights were t
 MODEL_RANDOMNESS = 1
 
 
+def _json_object(file: Path) -> dict:
+    """A checkpoint's JSON file, which must hold an object; CheckpointError naming it otherwise."""
+    try:
+        data = json.loads(file.read_text())
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"{file} is unreadable: {e}") from None
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{file} is not a JSON object")
+    return data
+
+
 @dataclass
 class FitResult:
     step: int
@@ -161,13 +172,7 @@ class Trainer:
 
     def check_model_info(self, path: Path) -> None:
         """Raise CheckpointError naming every key of ``path``'s model.json that differs from this run."""
-        file = path / MODEL_INFO
-        try:
-            saved = json.loads(file.read_text())
-        except (OSError, ValueError) as e:
-            raise CheckpointError(f"{file} is unreadable: {e}") from None
-        if not isinstance(saved, dict):
-            raise CheckpointError(f"{file} is not a JSON object")
+        saved = _json_object(path / MODEL_INFO)
         current = json.loads(json.dumps(self.model_info()))  # tuples as lists, as saved
         diffs = [f"{key}: checkpoint {saved.get(key, '(none)')!r}, this run {current.get(key, '(none)')!r}"
                  for key in sorted(current.keys() | saved.keys()) if saved.get(key) != current.get(key)]
@@ -178,16 +183,9 @@ class Trainer:
             )
 
     def _read_trainer_state(self, path: Path) -> dict:
-        file = path / TRAINER_STATE
-        if not file.is_file() and (path / "trainer.pt").is_file():  # written before trainer.json existed
-            return load_torch(path / "trainer.pt")
-        try:
-            state = json.loads(file.read_text())
-        except (OSError, ValueError) as e:
-            raise CheckpointError(f"{file} is unreadable: {e}") from None
-        if not isinstance(state, dict):
-            raise CheckpointError(f"{file} is not a JSON object")
-        return state
+        if not (path / TRAINER_STATE).is_file() and (path / "trainer.pt").is_file():  # written before
+            return load_torch(path / "trainer.pt")  # trainer.json existed
+        return _json_object(path / TRAINER_STATE)
 
     def load_checkpoint(self, path: Path) -> None:
         """Restore everything a checkpoint holds (collective). Raises CheckpointError."""
