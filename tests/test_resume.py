@@ -4,6 +4,7 @@ checkpoint skipped for the previous one, and a model.json that must match the ru
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import signal
@@ -171,3 +172,14 @@ def _saved(tmp_path: Path, obj: object) -> Path:
     path = tmp_path / "plain.pt"
     torch.save(obj, path)
     return path
+
+
+def test_a_marker_listing_files_outside_the_checkpoint_is_refused(tmp_path):
+    from dis_dist.train.checkpoint import MARKER, verify_checkpoint
+
+    (tmp_path / "outside.pt").write_bytes(b"x")
+    checkpoint = tmp_path / "step_00000001"
+    checkpoint.mkdir()
+    (checkpoint / MARKER).write_text(json.dumps({"step": 1, "files": {"../outside.pt": 1}}))
+    with pytest.raises(CheckpointError, match="outside the checkpoint"):
+        verify_checkpoint(checkpoint)

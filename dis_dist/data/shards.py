@@ -24,7 +24,7 @@ import os
 import re
 import tarfile
 import typing
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import IO, Any
 
@@ -111,37 +111,32 @@ class Manifest:
         def fail(what: str) -> None:
             raise DataError(f"{url} is not a valid manifest: {what}")
 
-        check_cache_info(info, fail)
+        if info.latent_kind not in LATENT_KINDS:
+            fail(f"latent_kind {info.latent_kind!r} is not one of {', '.join(LATENT_KINDS)}")
+        if len(info.latent_shape) != 3 or min(info.latent_shape) < 1 or max(info.latent_shape) > 2**20:
+            fail(f"latent_shape {info.latent_shape} is not (channels, height, width)")
+        if info.latent_kind == "moments" and info.latent_shape[0] % 2:
+            fail(f"latent_shape {info.latent_shape}: moments need an even number of channels (mean, std)")
+        if info.latent_dtype not in LATENT_DTYPES:
+            fail(f"latent_dtype {info.latent_dtype!r} is not one of {', '.join(LATENT_DTYPES)}")
+        if not (math.isfinite(info.scaling_factor) and info.scaling_factor > 0):
+            fail(f"scaling_factor {info.scaling_factor} is not a positive number")
         if not self.shards:
             fail("it lists no shards")
-        names = [s.name for s in self.shards]
         for shard in self.shards:
             if not _SHARD_FILE.match(shard.name):
                 fail(f"shard name {shard.name!r} is not a plain .tar file name")
             if shard.samples < 1 or shard.bytes < 0:
                 fail(f"shard {shard.name} has {shard.samples} samples and {shard.bytes} bytes")
-        if len(set(names)) != len(names):
+        if len({s.name for s in self.shards}) != len(self.shards):
             fail("a shard is listed twice")
-        if info.num_shards != len(self.shards) or self.total_samples != sum(s.samples for s in self.shards):
+        samples = sum(s.samples for s in self.shards)
+        if info.num_shards != len(self.shards) or self.total_samples != samples:
             fail(f"info.num_shards={info.num_shards} and total_samples={self.total_samples} do not match "
-                 f"its {len(self.shards)} shards of {sum(s.samples for s in self.shards)} samples")
+                 f"its {len(self.shards)} shards of {samples} samples")
 
 
 _SHARD_FILE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]*\.tar$")
-
-
-def check_cache_info(info: CacheInfo, fail: Callable[[str], None]) -> None:
-    """Values of a cache's description that readers rely on."""
-    if info.latent_kind not in LATENT_KINDS:
-        fail(f"latent_kind {info.latent_kind!r} is not one of {', '.join(LATENT_KINDS)}")
-    if len(info.latent_shape) != 3 or min(info.latent_shape) < 1 or max(info.latent_shape) > 2**20:
-        fail(f"latent_shape {info.latent_shape} is not (channels, height, width)")
-    if info.latent_kind == "moments" and info.latent_shape[0] % 2:
-        fail(f"latent_shape {info.latent_shape}: moments need an even number of channels (mean, std)")
-    if info.latent_dtype not in LATENT_DTYPES:
-        fail(f"latent_dtype {info.latent_dtype!r} is not one of {', '.join(LATENT_DTYPES)}")
-    if not (math.isfinite(info.scaling_factor) and info.scaling_factor > 0):
-        fail(f"scaling_factor {info.scaling_factor} is not a positive number")
 
 
 def _parse(cls: type, data: Any, what: str, where: str = "") -> Any:

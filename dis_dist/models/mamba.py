@@ -99,7 +99,6 @@ class BiMamba(nn.Module):
     ) -> None:
         super().__init__()
         self.d_inner = expand * d_model
-        self.d_conv = d_conv
         self.dt_rank = dt_rank if dt_rank is not None else math.ceil(d_model / 16)
         self.scan_backend = scan_backend
         self.in_proj = nn.Linear(d_model, 2 * self.d_inner, bias=False)

@@ -35,9 +35,9 @@ def file_sizes(directory: Path) -> dict[str, int]:
 
 def verify_checkpoint(path: Path) -> None:
     """Check a complete checkpoint without loading its tensors: every file its marker lists is
-    there with its size, every torch file among them unpickles as plain tensors and containers (memory-mapped:
-    no tensor data is read) and DCP's metadata as DCP metadata. Raises CheckpointError naming the
-    first bad file."""
+    there with its size, every torch file among them unpickles as plain tensors and containers
+    (memory-mapped: no tensor data is read) and DCP's metadata as DCP metadata. Raises
+    CheckpointError naming the first bad file."""
     marker = path / MARKER
     try:
         recorded = json.loads(marker.read_text()).get("files")
@@ -47,6 +47,8 @@ def verify_checkpoint(path: Path) -> None:
         if not isinstance(recorded, dict):
             raise CheckpointError(f"{marker} is damaged: its file list is not an object")
         for name, size in recorded.items():
+            if Path(name).is_absolute() or ".." in Path(name).parts:
+                raise CheckpointError(f"{marker} is damaged: it lists {name!r}, outside the checkpoint")
             file = path / name
             actual = file.stat().st_size if file.is_file() else None
             if actual != size:
