@@ -4,10 +4,11 @@
 
 SPEC is a list of scenarios ``{"overrides": [...], "out": path}`` with optionally
 ``"signal_at": k`` (rank 0 sends itself SIGTERM during step k; the run saves and stops, then a
-fresh Trainer resumes it) or ``"plant_from": run_dir`` (that run's directory is copied, every
+fresh Trainer resumes it), ``"plant_from": run_dir`` (that run's directory is copied, every
 file of its newest checkpoint replaced by a pickle that would create ``run_dir/PAYLOAD``, and
-the copy resumed). Rank 0 writes to ``out``: the whole raw and EMA weights, the final loss,
-every rank's stored elements (``Strategy.local_numel``) and whether a payload ran.
+the copy resumed) or ``"init_only": true`` (no training: the initial weights). Rank 0 writes to
+``out``: the whole raw and EMA weights, the final loss, every rank's stored elements
+(``Strategy.local_numel``) and whether a payload ran.
 """
 
 from __future__ import annotations
@@ -66,6 +67,11 @@ def run(scenario: dict) -> None:
         signal_during(stopped, scenario["signal_at"])
         assert stopped.fit().stopped, "the signal did not stop the run"
     trainer = Trainer(cfg)
+    if scenario.get("init_only"):
+        raw = trainer.strategy.full_state_dict(ema=False)
+        if trainer.env.is_main:
+            torch.save({"model": raw}, scenario["out"])
+        return
     if scenario.get("plant_from"):
         if trainer.env.is_main:
             plant(Path(scenario["plant_from"]), Path(cfg.run_dir))

@@ -133,6 +133,13 @@ def runs(tmp_path_factory: pytest.TempPathFactory, fmnist_root: Path, classifier
         for name, base in [("fsdp_world1", "fsdp"), ("zero3_world1", "zero3")]
     ]
     torchrun(tmp, one, nproc=1)
+    # The initial weights of meta-device init, at 4 ranks (fsdp, hsdp 2x2, ddp) and at 2 (ZeRO-3).
+    init = {"init_zero3_world2": STRATEGIES["zero3"], "init_fsdp_world4": STRATEGIES["fsdp"],
+            "init_hsdp_world4": STRATEGIES["fsdp"] + ["dist.shard_group_size=2"], "init_ddp_world4": STRATEGIES["ddp"]}
+    for nproc in (2, 4):
+        torchrun(tmp, [{"overrides": overrides(tmp / name, fmnist_root, classifier, *extra, "eval.every=0"),
+                        "init_only": True, "out": str(tmp / f"{name}.pt")}
+                       for name, extra in init.items() if name.endswith(f"world{nproc}")], nproc=nproc)
 
     out = {p.stem: torch.load(p, weights_only=False) for p in tmp.glob("*.pt")}
     single = Trainer(load_config(None, overrides(tmp / "single", fmnist_root, classifier)))
@@ -236,6 +243,17 @@ def test_ddp_and_zero1_replicate_parameters(runs: dict) -> None:
     assert [n["params"] for n in runs["ddp"]["numel"]] == [single["params"]] * 2
     assert all(n["params"] == single["params"] for n in runs["zero1"]["numel"])
     assert all(n["ema"] < single["ema"] for n in runs["zero1"]["numel"])  # the EMA is sharded anyway
+
+
+@pytest.mark.parametrize("run", ["init_fsdp_world4", "init_hsdp_world4", "init_ddp_world4", "init_zero3_world2"])
+def test_initial_weights_do_not_depend_on_world_size_or_strategy(runs: dict, run: str) -> None:
+    """Built on the meta device, sharded, each rank initialising only its shards: the full
+    initial weights are those of the model built whole in one process with the same seed."""
+    reference = build_model("DiS-T/8", input_size=32, in_channels=1, num_classes=10, seed=0).state_dict()
+    got = runs[run]["model"]
+    assert got.keys() == reference.keys()
+    for name, value in reference.items():
+        assert torch.equal(got[name], value), name
 
 
 def test_fsdp_checkpoint_resumes_at_another_world_size(runs: dict) -> None:

@@ -202,3 +202,22 @@ def test_activation_checkpointing_gives_the_same_gradients(every):
     torch.testing.assert_close(out_b, out_a, rtol=0, atol=0)
     for name in grads_a:
         torch.testing.assert_close(grads_b[name], grads_a[name], rtol=1e-6, atol=1e-7, msg=name)
+
+
+def test_meta_init_gives_the_weights_of_the_eager_build() -> None:
+    """A model built on the meta device and materialised (as every strategy does) holds the
+    weights of the same model built eagerly with the same seed; another seed differs in every
+    random parameter."""
+    from dis_dist.dist.init import materialize
+
+    kwargs = dict(input_size=16, in_channels=2, num_classes=5)
+    eager = build_model("DiS-T/4", seed=3, **kwargs)
+    with torch.device("meta"):
+        lazy = build_model("DiS-T/4", **kwargs)
+    assert all(p.is_meta for p in lazy.parameters())
+    materialize(lazy, torch.device("cpu"), seed=3)
+    other = build_model("DiS-T/4", seed=4, **kwargs)
+    for (name, a), b, c in zip(eager.named_parameters(), lazy.parameters(), other.parameters()):
+        assert torch.equal(a, b), name
+        if a.std() > 0 and not name.endswith(("A_log", "D")):  # the random ones
+            assert not torch.equal(a, c), name

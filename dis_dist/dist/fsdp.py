@@ -27,6 +27,7 @@ from torch.distributed.fsdp import CPUOffloadPolicy, FSDPModule, MixedPrecisionP
 
 from dis_dist.config import RunConfig
 from dis_dist.dist.env import DistEnv
+from dis_dist.dist.init import materialize, on_meta
 from dis_dist.errors import CheckpointError, ConfigError
 from dis_dist.dist.strategy import (
     OptimizerFactory,
@@ -72,7 +73,8 @@ class FSDPStrategy(Strategy):
         self.mesh = device_mesh(env, dc.shard_group_size)
         bf16 = cfg.train.precision == "bf16"
         offload = CPUOffloadPolicy() if dc.cpu_offload else OffloadPolicy()
-        if not dc.cpu_offload:
+        meta = on_meta(model)  # sharded first, then each rank materialises its own shards
+        if not dc.cpu_offload and not meta:
             model = model.to(env.device)
 
         # bf16 gathers only the blocks' big Linear weights and norms; every unit keeps its inputs
@@ -88,6 +90,8 @@ class FSDPStrategy(Strategy):
                     fully_shard(branch, mp_policy=full, **shard)
             fully_shard(block, mp_policy=low, **shard)
         fully_shard(model, mp_policy=full, **shard)  # the root: embeddings and final layer, in fp32
+        if meta:
+            materialize(model, torch.device("cpu") if dc.cpu_offload else env.device, cfg.train.seed)
         self.model: FSDPModule = model  # type: ignore[assignment]
         self._names = [n for n, _ in model.named_parameters()]
         self._ema = [p.detach().clone() for p in model.parameters()]  # DTensors, sharded alike

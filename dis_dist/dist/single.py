@@ -10,6 +10,7 @@ from torch import Tensor, nn
 
 from dis_dist.config import RunConfig
 from dis_dist.dist.env import DistEnv
+from dis_dist.dist.init import materialize
 from dis_dist.dist.strategy import (
     OptimizerFactory,
     SchedulerFactory,
@@ -37,7 +38,7 @@ class SingleDeviceStrategy(Strategy):
         make_optimizer: OptimizerFactory, make_scheduler: SchedulerFactory,
     ) -> None:
         super().__init__(env, cfg, accum, model)
-        self.module = model.to(env.device)
+        self.module = materialize(model, env.device, cfg.train.seed).to(env.device)
         self.model = self.module
         self._ema = copy.deepcopy(self.module).eval().requires_grad_(False)
         self.optimizer = make_optimizer(param_groups(self.module, cfg.optim.weight_decay, self._no_decay))

@@ -23,6 +23,7 @@ from torch import Tensor, nn
 
 from dis_dist.config import RunConfig
 from dis_dist.dist.env import DistEnv
+from dis_dist.dist.init import init_parameters, materialize, on_meta
 from dis_dist.dist.strategy import (
     OptimizerFactory,
     SchedulerFactory,
@@ -109,6 +110,24 @@ def import_deepspeed(device: torch.device):  # noqa: ANN201
     return deepspeed
 
 
+def partition_from_meta(deepspeed, model: nn.Module, device: torch.device, seed: int, ds_config: dict) -> None:  # noqa: ANN001
+    """ZeRO-3 from a meta-device model, a unit at a time: each block is materialised whole,
+    initialised and partitioned over the ranks (``deepspeed.zero.Init(module=...)``) before the
+    next, then the rest (embeddings, final layer). No rank holds more than its partitions and
+    one block."""
+    blocks = set(getattr(model, "blocks", list)())
+    units = [(f"{name}.", module) for name, module in model.named_modules() if module in blocks]
+    for prefix, unit in [*units, ("", model)]:
+        mine = [(prefix + n, p) for n, p in unit.named_parameters() if p.is_meta]
+        for owner in unit.modules():  # storage for the unit's meta parameters, nothing else
+            for key, p in list(owner._parameters.items()):
+                if p is not None and p.is_meta:
+                    setattr(owner, key, nn.Parameter(torch.empty(p.shape, device=device), p.requires_grad))
+        named = dict(model.named_parameters())
+        init_parameters(model, seed, [(name, named[name]) for name, _ in mine])
+        deepspeed.zero.Init(module=unit, config_dict_or_path=ds_config)
+
+
 class DeepSpeedStrategy(Strategy):
     name = "deepspeed"
 
@@ -122,10 +141,14 @@ class DeepSpeedStrategy(Strategy):
         self.stage = cfg.dist.zero_stage
         self._names = [n for n, _ in model.named_parameters()]
         self._shapes = {n: tuple(p.shape) for n, p in model.named_parameters()}
+        ds_config = deepspeed_config(cfg, accum)
+        if self.stage == 3 and on_meta(model):
+            partition_from_meta(deepspeed, model, env.device, cfg.train.seed, ds_config)
+        else:
+            model = materialize(model, env.device, cfg.train.seed).to(env.device)
         optimizer = make_optimizer(param_groups(model, cfg.optim.weight_decay, self._no_decay))
         self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
-            model=model.to(env.device), optimizer=optimizer, lr_scheduler=make_scheduler,
-            config=deepspeed_config(cfg, accum),
+            model=model, optimizer=optimizer, lr_scheduler=make_scheduler, config=ds_config,
         )
         self.model = self.engine
         self._params = [p for _, p in self.engine.module.named_parameters()]

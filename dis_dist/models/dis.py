@@ -7,6 +7,7 @@ Deviation, on purpose: the final linear and its modulation are zero-initialised 
 
 from __future__ import annotations
 
+import hashlib
 import math
 import re
 from collections.abc import Iterator
@@ -18,7 +19,8 @@ from torch import Tensor, nn
 
 from dis_dist.errors import ConfigError
 from dis_dist.models.layers import DropPath, FinalLayer, LabelEmbedder, RMSNorm, TimestepEmbedder, at_least_fp32
-from dis_dist.models.mamba import BiMamba
+from dis_dist.models.mamba import BiMamba, SSMBranch
+from dis_dist.utils.seeding import mix_seed
 
 
 @dataclass(frozen=True)
@@ -71,7 +73,9 @@ class DiS(nn.Module):
     """DiS: images/latents (b, C, H, W), timesteps (b,), labels (b,) -> (b, out_channels, H, W).
 
     ``num_classes=0`` builds an unconditional model (no class token, no modulation); otherwise
-    label ``num_classes`` is the null class used for classifier-free guidance.
+    label ``num_classes`` is the null class used for classifier-free guidance. ``seed`` seeds
+    the initial weights (:meth:`initialize_weights`); built under ``torch.device("meta")`` the
+    model has no storage and no values until a strategy materialises it.
     """
 
     def __init__(
@@ -91,6 +95,7 @@ class DiS(nn.Module):
         expand: int = 2,
         norm_eps: float = 1e-5,
         scan_backend: str = "auto",
+        seed: int = 0,
     ) -> None:
         super().__init__()
         if input_size % patch_size:
@@ -124,7 +129,7 @@ class DiS(nn.Module):
         self.final_drop_path = DropPath(drop_path_rate)
         self.final_layer = FinalLayer(width, patch_size, self.out_channels, num_classes > 0)
         self.checkpoint_every = 0
-        self.initialize_weights()
+        self.initialize_weights(seed)
 
     def set_activation_checkpointing(self, every: int) -> None:
         """Recompute the activations of every ``every``-th block (in execution order, starting
@@ -132,20 +137,50 @@ class DiS(nn.Module):
         self.checkpoint_every = every
 
     @torch.no_grad()
-    def initialize_weights(self) -> None:
-        """Mamba-style init (zero biases but dt's, N(0, 0.02) embeddings, out_proj scaled by
-        1/sqrt(depth)); positional embedding zero; final layer zero (DiT)."""
-        for module in self.modules():
-            if isinstance(module, nn.Linear) and module.bias is not None:
-                if not getattr(module.bias, "_no_reinit", False):
-                    nn.init.zeros_(module.bias)
-            elif isinstance(module, nn.Embedding):
-                nn.init.normal_(module.weight, std=0.02)
-        for mixer in self._mixers():
-            nn.init.kaiming_uniform_(mixer.out_proj.weight, a=math.sqrt(5))
-            mixer.out_proj.weight /= math.sqrt(self.depth)
-        self.pos_embed.zero_()
-        self.final_layer.reset_parameters()
+    def initialize_weights(self, seed: int = 0) -> None:
+        """Every parameter from its own generator, seeded by ``seed`` and the parameter's name
+        (:meth:`initial_value`): the same weights however the model is later split or sharded."""
+        for name, p in self.named_parameters():
+            if not p.is_meta:
+                p.copy_(self.initial_value(name, seed))
+
+    def initial_value(self, name: str, seed: int) -> Tensor:
+        """The whole initial value (fp32, CPU) of parameter ``name`` for seed ``seed``; a sharded
+        strategy computes it on every rank and keeps its own slice."""
+        p = self.get_parameter(name)
+        t = torch.empty(p.shape, dtype=torch.float32)
+        self.init_tensor(name, t, torch.Generator().manual_seed(parameter_seed(seed, name)))
+        return t
+
+    @torch.no_grad()
+    def init_tensor(self, name: str, t: Tensor, generator: torch.Generator) -> None:
+        """Fill ``t`` with the initial value of parameter ``name``: Mamba's init in the scan
+        branches (:meth:`SSMBranch.init_tensor`), PyTorch's default for Linear and Conv weights
+        and conv biases, zero Linear biases, N(0, 0.02) embeddings, out_proj scaled by
+        1/sqrt(depth); positional embedding zero; final layer zero (DiT)."""
+        *path, attr = name.split(".")
+        owner: nn.Module = self
+        for i, part in enumerate(path):
+            owner = getattr(owner, part)
+            if isinstance(owner, SSMBranch):
+                return owner.init_tensor(".".join(path[i + 1 :] + [attr]), t, generator)
+        if name == "pos_embed" or name.startswith("final_layer."):
+            t.zero_()
+        elif isinstance(owner, nn.Embedding):
+            nn.init.normal_(t, std=0.02, generator=generator)
+        elif isinstance(owner, RMSNorm):
+            t.fill_(1.0)
+        elif isinstance(owner, nn.Linear | nn.Conv2d) and attr == "weight":
+            nn.init.kaiming_uniform_(t, a=math.sqrt(5), generator=generator)
+            if name.endswith("mixer.out_proj.weight"):
+                t /= math.sqrt(self.depth)
+        elif isinstance(owner, nn.Linear) and attr == "bias":
+            t.zero_()
+        elif isinstance(owner, nn.Conv2d) and attr == "bias":  # PyTorch's default
+            bound = 1 / math.sqrt(math.prod(owner.weight.shape[1:]))
+            nn.init.uniform_(t, -bound, bound, generator=generator)
+        else:
+            raise KeyError(f"no initialisation rule for parameter {name!r}")
 
     def _mixers(self) -> Iterator[BiMamba]:
         return (block.mixer for block in self.blocks())
@@ -189,6 +224,11 @@ class DiS(nn.Module):
         hidden = self.norm_f(residual + self.final_drop_path(hidden))
         out = self.final_layer(hidden, cond)[:, self.num_prefix :]
         return self.unpatchify(out)
+
+
+def parameter_seed(seed: int, name: str) -> int:
+    """The seed of parameter ``name``'s initial value."""
+    return mix_seed(seed, int.from_bytes(hashlib.sha256(name.encode()).digest()[:7], "little"))
 
 
 def parse_model_name(name: str) -> tuple[ModelSize, int]:

@@ -46,25 +46,41 @@ class SSMBranch(nn.Module):
         self.dt_proj = DeltaProjection(dt_rank, d_inner, bias=True)
         self.A_log = nn.Parameter(torch.empty(d_inner, d_state))
         self.D = nn.Parameter(torch.empty(d_inner))
-        self.dt_proj.bias._no_reinit = True  # keeps its dt init through the model's init
         self.A_log._no_weight_decay = True
         self.D._no_weight_decay = True
-        self.reset_parameters()
+        if not self.D.is_meta:
+            self.reset_parameters()
 
     @torch.no_grad()
-    def reset_parameters(self) -> None:
-        """Mamba's init: S4D-real A, D = 1, dt_proj so that softplus(bias) ~ LogUniform[dt_min, dt_max]."""
-        self.conv1d.reset_parameters()
-        self.x_proj.reset_parameters()
-        std = self.dt_rank**-0.5
-        nn.init.uniform_(self.dt_proj.weight, -std, std)
-        d_inner = self.D.shape[0]
-        log_lo, log_hi = math.log(self.dt_min), math.log(self.dt_max)
-        dt = torch.exp(torch.rand(d_inner) * (log_hi - log_lo) + log_lo).clamp(min=self.dt_init_floor)
-        self.dt_proj.bias.copy_(dt + torch.log(-torch.expm1(-dt)))  # inverse softplus
-        a = torch.arange(1, self.d_state + 1, dtype=torch.float32)
-        self.A_log.copy_(torch.log(a).expand(d_inner, -1))
-        self.D.fill_(1.0)
+    def reset_parameters(self, generator: torch.Generator | None = None) -> None:
+        """Mamba's init (see :meth:`init_tensor`), from ``generator`` (default: the global RNG)."""
+        for name, p in self.named_parameters():
+            self.init_tensor(name, p, generator)
+
+    @torch.no_grad()
+    def init_tensor(self, name: str, t: Tensor, generator: torch.Generator | None) -> None:
+        """Fill ``t``, the whole initial value of this branch's parameter ``name``: PyTorch's
+        default init for the conv and x_proj, S4D-real A, D = 1, and dt_proj so that
+        softplus(bias) ~ LogUniform[dt_min, dt_max]."""
+        if name in ("conv1d.weight", "x_proj.weight"):
+            nn.init.kaiming_uniform_(t, a=math.sqrt(5), generator=generator)
+        elif name == "conv1d.bias":  # PyTorch's default: U(+-1/sqrt(fan_in)), fan_in = d_conv
+            bound = 1 / math.sqrt(self.conv1d.kernel_size[0])
+            nn.init.uniform_(t, -bound, bound, generator=generator)
+        elif name == "dt_proj.weight":
+            std = self.dt_rank**-0.5
+            nn.init.uniform_(t, -std, std, generator=generator)
+        elif name == "dt_proj.bias":
+            log_lo, log_hi = math.log(self.dt_min), math.log(self.dt_max)
+            dt = torch.rand(t.shape, generator=generator, device=t.device) * (log_hi - log_lo) + log_lo
+            dt = torch.exp(dt).clamp(min=self.dt_init_floor)
+            t.copy_(dt + torch.log(-torch.expm1(-dt)))  # inverse softplus
+        elif name == "A_log":
+            t.copy_(torch.log(torch.arange(1, self.d_state + 1, dtype=torch.float32)).expand(t.shape))
+        elif name == "D":
+            t.fill_(1.0)
+        else:
+            raise KeyError(f"SSMBranch has no parameter {name!r}")
 
     def forward(self, x: Tensor, reverse: bool = False) -> tuple[Tensor, ...]:
         """x (b, d, L) -> the scan's inputs of this direction, in sequence order: u, delta

@@ -83,19 +83,21 @@ class Trainer:
             world_size=self.env.world_size,
         )
         self.num_classes = self.loader.num_classes if cfg.model.conditional else 0
-        torch.manual_seed(cfg.train.seed)  # the same initial weights on every rank
         # What build_model needs to rebuild this model anywhere (saved with every checkpoint).
         self.model_spec = {
             "name": cfg.model.name, "input_size": self.loader.image_size,
             "in_channels": self.loader.channels, "num_classes": self.num_classes,
             "learn_sigma": cfg.model.learn_sigma,
         }
-        model = build_model(
-            **self.model_spec,
-            class_dropout_prob=cfg.model.class_dropout_prob,
-            drop_path_rate=cfg.model.drop_path_rate,
-            scan_backend=cfg.model.scan_backend,
-        )
+        # On the meta device: the strategy shards it, then gives storage to each rank's share and
+        # initialises it from train.seed (dis_dist/dist/init.py), the same weights at any world size.
+        with torch.device("meta"):
+            model = build_model(
+                **self.model_spec,
+                class_dropout_prob=cfg.model.class_dropout_prob,
+                drop_path_rate=cfg.model.drop_path_rate,
+                scan_backend=cfg.model.scan_backend,
+            )
         model.set_activation_checkpointing(cfg.train.activation_checkpointing)
         self.num_params = sum(p.numel() for p in model.parameters())
         # Training FLOPs per image (forward + backward = 3x forward), for MFU.
