@@ -82,6 +82,8 @@ class TrainConfig:
 class SampleConfig:
     every: int = 10_000  # steps between EMA sample grids in TensorBoard; 0 disables
     num: int = 40  # images in a grid
+    batch_size: int = 0  # samples per forward pass on one rank (x2 with guidance), for grids and
+    # evaluations; 0: the planner's inference estimate against this device's free memory
     steps: str = "100"  # respacing of the sampler: "250", "ddim50", ...
     sampler: Literal["ddpm", "ddim"] = "ddpm"
     ddim_eta: float = 0.0
@@ -95,7 +97,7 @@ class SampleConfig:
 class EvalConfig:
     every: int = 0  # steps between evaluations of the EMA (and one at the end); 0 disables
     num_samples: int = 1000  # samples per evaluation, class-balanced, drawn with the sample.* settings
-    batch_size: int = 250  # samples per forward pass on one rank
+    batch_size: int = 250  # images per forward pass of the feature network (sampling: sample.batch_size)
     features: Literal["inception", "fmnist"] = "inception"  # FID's Inception-v3, or the Fashion-MNIST classifier
     weights: str = ""  # the network's file (inception default: torch hub cache; fmnist: .cache/fmnist_classifier.pt)
     reference: str = ""  # ADM reference .npz, statistics .npz, image folder/shards, or Fashion-MNIST's directory
@@ -283,8 +285,9 @@ def save_config(cfg: RunConfig, path: str | Path) -> None:
     Path(path).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
 
 
-def validate(cfg: RunConfig, world_size: int = 1) -> None:
-    """Cross-field checks; raises ConfigError naming the key."""
+def validate(cfg: RunConfig, world_size: int | None = None) -> None:
+    """Cross-field checks; raises ConfigError naming the key. The checks that depend on the
+    number of ranks run only when ``world_size`` is given (when the job starts)."""
     from dis_dist.models.dis import parse_model_name  # models import config-free modules only
 
     _, patch = parse_model_name(cfg.model.name)
@@ -317,6 +320,7 @@ def validate(cfg: RunConfig, world_size: int = 1) -> None:
         "sample.ddim_eta": cfg.sample.ddim_eta,
         "train.seed": cfg.train.seed,
         "sample.seed": cfg.sample.seed,
+        "sample.batch_size": cfg.sample.batch_size,
     }
     for key, value in non_negative.items():
         if value < 0:
@@ -345,12 +349,14 @@ def validate(cfg: RunConfig, world_size: int = 1) -> None:
         raise ConfigError(f"dist.timeout_min must be positive, got {dist.timeout_min}")
     if dist.zero_stage not in (1, 2, 3):
         raise ConfigError(f"dist.zero_stage must be 1, 2 or 3, got {dist.zero_stage}")
-    if dist.shard_group_size < 0 or (dist.shard_group_size and world_size % dist.shard_group_size):
+    if dist.shard_group_size < 0:
+        raise ConfigError(f"dist.shard_group_size must be >= 0, got {dist.shard_group_size}")
+    if world_size is not None and dist.shard_group_size and world_size % dist.shard_group_size:
         raise ConfigError(
             f"dist.shard_group_size={dist.shard_group_size} must be 0 (shard over all ranks) or divide "
             f"the world size {world_size}"
         )
-    if dist.strategy == "single" and world_size > 1:
+    if dist.strategy == "single" and (world_size or 1) > 1:
         raise ConfigError(
             f"dist.strategy='single' runs one process, but the job has {world_size} ranks; "
             f"choose one of: ddp, fsdp, deepspeed"
@@ -359,18 +365,19 @@ def validate(cfg: RunConfig, world_size: int = 1) -> None:
         raise ConfigError(f"checkpoint.async_save needs dist.strategy='fsdp' (got {dist.strategy!r})")
     if dist.deepspeed_config and not Path(dist.deepspeed_config).is_file():
         raise ConfigError(f"dist.deepspeed_config: {dist.deepspeed_config!r} does not exist")
-    per_step = cfg.train.micro_batch * world_size
+    per_step = cfg.train.micro_batch * (world_size or 1)  # ranks unknown: the micro-batch at least
     if cfg.train.global_batch % per_step:
         raise ConfigError(
             f"train.global_batch={cfg.train.global_batch} is not divisible by "
-            f"train.micro_batch x world size = {cfg.train.micro_batch} x {world_size}; "
+            f"train.micro_batch x world size = {cfg.train.micro_batch} x {world_size or 1}; "
             f"pick a global batch that is a multiple of {per_step}"
         )
     if cfg.sample.num <= 0 and cfg.sample.every > 0:
         raise ConfigError(f"sample.num must be positive when sample.every > 0, got {cfg.sample.num}")
     from dis_dist.diffusion.schedule import space_timesteps
 
-    space_timesteps(cfg.diffusion.num_steps, cfg.sample.steps)  # raises ConfigError if impossible
+    if len(space_timesteps(cfg.diffusion.num_steps, cfg.sample.steps)) < 2:  # ConfigError if impossible
+        raise ConfigError(f"sample.steps={cfg.sample.steps!r}: the sampler needs at least 2 steps")
 
 
 def grad_accumulation(cfg: RunConfig, world_size: int) -> int:

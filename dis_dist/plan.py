@@ -45,10 +45,20 @@ GB = 1e9
 # bf16 copies of their inputs beside it.
 ACT_BYTES = {"bf16": 160.0, "fp32": 158.0}
 ACT_CKPT_BYTES = {"bf16": 8.0, "fp32": 8.5}  # a checkpointed block's inputs and its long skip
+# Peak bytes of live tensors per image in a no-grad forward, per (token x width): one block's
+# working set (the scan's) dominates, the long skips add little (measured: tests/test_plan.py).
+# bf16 autocast also caches a bf16 copy of the weights for the forward: 2 bytes per parameter.
+INFER_BYTES = {"bf16": 180.0, "fp32": 256.0}
 RESERVE_GB = 2.0  # CUDA context, NCCL buffers, workspace
 FRAGMENTATION = 1.10  # allocator slack over the sum of live tensors
-# DeepSpeed's bucket defaults (elements), allocated in the training dtype.
-ZERO_BUCKETS = {1: 5e8, 2: 2 * 5e8, 3: 1e8}
+# CPU ranks (--cpu): a process's own resident memory (Python, torch, gloo, the data loader) and
+# the host allocator's slack (measured: tools/bench_scale.py).
+HOST_BASELINE_GB = 0.45
+HOST_FRAGMENTATION = 1.05
+# DeepSpeed's buckets (elements), allocated in the training dtype: its defaults for stages 1-2;
+# for stage 3, configs/deepspeed/zero3.json's reduce bucket (2e8), twice (the reduce-scatter
+# flattens a copy of it: measured, tools/bench_scale.py), and its prefetch bucket (5e7).
+ZERO_BUCKETS = {1: 5e8, 2: 2 * 5e8, 3: 2 * 2e8 + 5e7}
 
 
 @dataclass(frozen=True)
@@ -86,16 +96,22 @@ class Estimate:
     def states(self) -> float:
         return self.weights + self.grads + self.optimizer + self.ema
 
-    def total(self, micro_batch: int, checkpointing: bool) -> float:
+    def total(self, micro_batch: int, checkpointing: bool, host: bool = False) -> float:
+        """Peak bytes per GPU, or with ``host`` per CPU rank (its resident memory)."""
         act = self.act_per_sample_ckpt + self.act_block if checkpointing else self.act_per_sample
-        return (self.states + self.transient + micro_batch * act) * FRAGMENTATION + RESERVE_GB * GB
+        live = self.states + self.transient + micro_batch * act
+        if host:
+            return live * HOST_FRAGMENTATION + HOST_BASELINE_GB * GB
+        return live * FRAGMENTATION + RESERVE_GB * GB
 
 
 def estimate(
     model: str, *, latent: int, channels: int = 4, num_classes: int = 1000, gpus: int,
-    gpus_per_node: int = 8, precision: str = "bf16",
+    gpus_per_node: int = 8, precision: str = "bf16", zero_buckets: dict[int, float] | None = None,
 ) -> list[Estimate]:
-    """Per-GPU memory of every setting in SETTINGS for ``model`` on ``latent`` x ``latent`` inputs."""
+    """Per-GPU memory of every setting in SETTINGS for ``model`` on ``latent`` x ``latent`` inputs
+    (``zero_buckets``: DeepSpeed's bucket elements per stage, when not ZERO_BUCKETS)."""
+    zero_buckets = {**ZERO_BUCKETS, **(zero_buckets or {})}
     size, patch = parse_model_name(model)
     params = count_parameters(model, input_size=latent, in_channels=channels, num_classes=num_classes)
     tokens = (latent // patch) ** 2 + (2 if num_classes else 1)
@@ -120,9 +136,74 @@ def estimate(
             w = 4 * P / (shards if stage == 3 else 1)
             g = 4 * P / (shards if stage >= 2 else 1)
             o, e = (4 * P + 8 * P) / shards, 4 * P / shards  # fp32 master partition + Adam
-            tr = ZERO_BUCKETS[stage] * lp + (2 * lp * block_params if stage == 3 else 0)
+            tr = zero_buckets[stage] * lp + (2 * lp * block_params if stage == 3 else 0)
         out.append(Estimate(s, w, g, o, e, tr, act, act_ckpt, act_block))
     return out
+
+
+def inference_bytes_per_image(model: str, *, latent: int, num_classes: int = 1000, precision: str = "bf16") -> float:
+    """Peak activation bytes of one image in a sampling forward pass (no autograd graph)."""
+    size, patch = parse_model_name(model)
+    tokens = (latent // patch) ** 2 + (2 if num_classes else 1)
+    return INFER_BYTES[precision] * tokens * size.width
+
+
+def sample_batch_size(model: str, *, latent: int, channels: int, num_classes: int, precision: str,
+                      guidance: bool, free_bytes: float, fraction: float = 0.5, cap: int = 256) -> int:
+    """The sampling micro-batch (images per forward pass, before guidance doubles it) whose
+    activations take at most ``fraction`` of ``free_bytes``: at least 1, at most ``cap``."""
+    per_image = inference_bytes_per_image(model, latent=latent, num_classes=num_classes, precision=precision)
+    if precision == "bf16":  # autocast's bf16 copy of the weights
+        free_bytes -= 2 * count_parameters(model, input_size=latent, in_channels=channels, num_classes=num_classes)
+    fits = int(fraction * free_bytes / (per_image * (2 if guidance else 1)))
+    return max(1, min(cap, fits))
+
+
+def peak_inference_bytes(model: nn.Module, batch: int, precision: str = "fp32") -> int:
+    """Peak bytes of the tensors alive at once during one no-grad forward of ``model`` (a DiS),
+    parameters and inputs excluded: what INFER_BYTES models. Every tensor an operator returns is
+    counted from its creation until its last Python reference is gone (storages counted once)."""
+    import weakref
+
+    from torch.utils._python_dispatch import TorchDispatchMode
+    from torch.utils._pytree import tree_flatten
+
+    device = next(model.parameters()).device
+    x = torch.randn(batch, model.in_channels, model.input_size, model.input_size, device=device)
+    t = torch.linspace(1, 999, batch, device=device)
+    y = torch.arange(batch, device=device) % max(1, model.num_classes) if model.num_classes else None
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    refs: dict[int, int] = {}
+    sizes: dict[int, int] = {}
+    live = [0, 0]  # now, peak
+
+    def release(key: int) -> None:
+        refs[key] -= 1
+        if not refs[key]:
+            del refs[key]
+            live[0] -= sizes.pop(key)
+
+    class Track(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001, ANN204
+            out = func(*args, **(kwargs or {}))
+            for tensor in tree_flatten(out)[0]:
+                if not isinstance(tensor, torch.Tensor):
+                    continue
+                key = tensor.untyped_storage().data_ptr()
+                if key in params or not key:
+                    continue
+                if key not in refs:
+                    refs[key], sizes[key] = 0, tensor.untyped_storage().nbytes()
+                    live[0] += sizes[key]
+                    live[1] = max(live)
+                refs[key] += 1
+                weakref.finalize(tensor, release, key)
+            return out
+
+    with torch.no_grad(), Track():
+        with torch.autocast(device.type, torch.bfloat16, enabled=precision == "bf16"):
+            model(x, t, y)
+    return live[1]
 
 
 def saved_activation_bytes(model: nn.Module, batch: int, precision: str = "bf16") -> int:
@@ -156,7 +237,7 @@ class Choice:
     score: float  # relative step time (lower is better)
 
 
-def choices(estimates: list[Estimate], per_gpu_batch: int, gpu_mem_gb: float) -> list[Choice]:
+def choices(estimates: list[Estimate], per_gpu_batch: int, gpu_mem_gb: float, host: bool = False) -> list[Choice]:
     """For each setting and checkpointing on/off, the largest micro-batch (a divisor of the
     per-GPU batch) that fits, ranked by a step-time heuristic: checkpointing costs a third more
     compute, micro-batches under 8 use a GPU poorly, and sharding costs communication
@@ -166,7 +247,7 @@ def choices(estimates: list[Estimate], per_gpu_batch: int, gpu_mem_gb: float) ->
     for est in estimates:
         for ckpt in (False, True):
             for m in divisors:
-                mem = est.total(m, ckpt)
+                mem = est.total(m, ckpt, host)
                 if mem <= gpu_mem_gb * GB:
                     score = (4 / 3 if ckpt else 1.0) * est.setting.comm_factor * (1 + max(0, 8 - m) * 0.04)
                     found.append(Choice(est, m, per_gpu_batch // m, ckpt, mem, score))
@@ -175,7 +256,7 @@ def choices(estimates: list[Estimate], per_gpu_batch: int, gpu_mem_gb: float) ->
 
 
 def table(model: str, resolution: int, gpus: int, gpu_mem: float, global_batch: int,
-          gpus_per_node: int = 8, precision: str = "bf16", num_classes: int = 1000) -> str:
+          gpus_per_node: int = 8, precision: str = "bf16", num_classes: int = 1000, host: bool = False) -> str:
     """The planner's report as text: a row per setting, then the recommendation."""
     if resolution % 8:
         raise ConfigError(f"--resolution {resolution} is not a multiple of the VAE's factor 8")
@@ -186,11 +267,12 @@ def table(model: str, resolution: int, gpus: int, gpu_mem: float, global_batch: 
     ests = estimate(model, latent=latent, num_classes=num_classes, gpus=gpus,
                     gpus_per_node=gpus_per_node, precision=precision)
     params = count_parameters(model, input_size=latent, in_channels=4, num_classes=num_classes)
-    ranked = choices(ests, per_gpu, gpu_mem)
+    ranked = choices(ests, per_gpu, gpu_mem, host)
     best = {(c.estimate.setting.name, c.checkpointing): c for c in reversed(ranked)}
     lines = [
         f"{model} ({params / 1e6:.0f}M parameters) at {resolution} px ({latent}x{latent}x4 latents), "
-        f"{precision}, {gpus} GPUs x {gpu_mem:g} GB, global batch {global_batch} ({per_gpu} per GPU)",
+        f"{precision}, {gpus} {'CPU ranks' if host else 'GPUs'} x {gpu_mem:g} GB, global batch {global_batch} "
+        f"({per_gpu} per {'rank' if host else 'GPU'})",
         "",
         f"{'setting':<11} {'weights':>8} {'grads':>7} {'optim':>7} {'EMA':>6} {'buffers':>8} "
         f"{'act/img':>8} {'act/img ckpt':>12} {'micro (no ckpt)':>16} {'micro (ckpt)':>13}",
@@ -235,9 +317,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--global-batch", type=int, default=256)
     p.add_argument("--precision", choices=("bf16", "fp32"), default="bf16")
     p.add_argument("--num-classes", type=int, default=1000)
+    p.add_argument("--cpu", action="store_true",
+                   help="CPU ranks: --gpus counts processes, --gpu-mem is the memory each may use, and the "
+                        "estimate is resident memory (a process baseline instead of the CUDA reserve)")
     args = p.parse_args(argv)
     print(table(args.model, args.resolution, args.gpus, args.gpu_mem, args.global_batch,
-                args.gpus_per_node, args.precision, args.num_classes))
+                args.gpus_per_node, args.precision, args.num_classes, args.cpu))
     return 0
 
 

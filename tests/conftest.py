@@ -71,35 +71,10 @@ def fmnist_cache(tmp_path_factory: pytest.TempPathFactory, fmnist_root: Path) ->
 def write_small_cache(root: Path, *, shards: int = 4, per_shard: int = 6, channels: int = 2, size: int = 8,
                       classes: int = 3) -> Path:
     """A latent cache written directly (no encoder): random float16 latents with flip variants."""
-    import hashlib
-    import json
+    from dis_dist.data.shards import write_random_cache
 
-    import numpy as np
-
-    from dis_dist.data.shards import MANIFEST, build_shard, shard_name
-
-    root.mkdir(parents=True, exist_ok=True)
-    rng = np.random.default_rng(0)
-    entries = []
-    for i in range(shards):
-        samples = [{"key": f"s{i}_{k:03d}", "cls": int(rng.integers(classes)),
-                    "latent": rng.standard_normal((channels, size, size)).astype(np.float16),
-                    "latent_flip": rng.standard_normal((channels, size, size)).astype(np.float16)}
-                   for k in range(per_shard)]
-        data = build_shard(samples)
-        (root / shard_name(i)).write_bytes(data)
-        entries.append({"name": shard_name(i), "samples": per_shard, "bytes": len(data),
-                        "sha256": hashlib.sha256(data).hexdigest()})
-    manifest = {
-        "format_version": 1,
-        "info": {"vae": "pixels", "vae_revision": None, "scaling_factor": 1.0, "resolution": size,
-                 "latent_shape": [channels, size, size], "latent_dtype": "float16", "latent_kind": "sample",
-                 "class_names": [f"c{c}" for c in range(classes)], "has_flip": True, "num_shards": shards,
-                 "encode": {}},
-        "total_samples": shards * per_shard, "shards": entries, "skipped": [],
-    }
-    (root / MANIFEST).write_text(json.dumps(manifest))
-    return root
+    return write_random_cache(root, shards=shards, per_shard=per_shard, channels=channels, size=size,
+                              classes=classes)
 
 
 @pytest.fixture(autouse=True)

@@ -185,3 +185,8 @@ def test_shipped_deepspeed_files_merge(path):
     stage = int(path.stem[-1])
     cfg = load_config(None, ["dist.strategy=deepspeed", f"dist.zero_stage={stage}", f"dist.deepspeed_config={path}"])
     assert deepspeed_config(cfg, accum=1)["zero_optimization"]["stage"] == stage
+
+
+def test_a_one_step_sampler_is_refused_up_front() -> None:
+    with pytest.raises(ConfigError, match="at least 2 steps"):
+        load_config(None, ["sample.steps=1"])

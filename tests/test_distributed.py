@@ -68,7 +68,7 @@ def overrides(run_dir: Path, fmnist_root: Path, classifier: Path, *extra: str) -
         f"run_dir={run_dir}", f"data.root={fmnist_root}", "model.name=DiS-T/8",
         f"train.steps={STEPS}", "train.global_batch=8", "train.micro_batch=4", "train.ema_decay=0.8",
         "optim.lr=1e-3", "optim.warmup_steps=2", "optim.schedule=cosine", "optim.weight_decay=0.01",
-        "optim.grad_clip=0.5", "sample.every=0", "sample.num=4", "sample.steps=2",
+        "optim.grad_clip=0.5", "sample.every=3", "sample.num=4", "sample.steps=2", "sample.batch_size=3",
         "checkpoint.every=3", "log.every=2", f"eval.every={STEPS}", "eval.features=fmnist",
         f"eval.weights={classifier}", f"eval.reference={fmnist_root}", "eval.num_samples=8", "eval.batch_size=4",
         *extra,
@@ -137,7 +137,8 @@ def runs(tmp_path_factory: pytest.TempPathFactory, fmnist_root: Path, classifier
     init = {"init_zero3_world2": STRATEGIES["zero3"], "init_fsdp_world4": STRATEGIES["fsdp"],
             "init_hsdp_world4": STRATEGIES["fsdp"] + ["dist.shard_group_size=2"], "init_ddp_world4": STRATEGIES["ddp"]}
     for nproc in (2, 4):
-        torchrun(tmp, [{"overrides": overrides(tmp / name, fmnist_root, classifier, *extra, "eval.every=0"),
+        torchrun(tmp, [{"overrides": overrides(tmp / name, fmnist_root, classifier, *extra, "eval.every=0",
+                                               "train.micro_batch=2"),
                         "init_only": True, "out": str(tmp / f"{name}.pt")}
                        for name, extra in init.items() if name.endswith(f"world{nproc}")], nproc=nproc)
 

@@ -8,7 +8,19 @@ import pytest
 
 from dis_dist.errors import ConfigError
 from dis_dist.models import build_model
-from dis_dist.plan import ACT_BYTES, ACT_CKPT_BYTES, GB, choices, estimate, main, saved_activation_bytes, table
+from dis_dist.plan import (
+    ACT_BYTES,
+    ACT_CKPT_BYTES,
+    GB,
+    choices,
+    estimate,
+    inference_bytes_per_image,
+    main,
+    peak_inference_bytes,
+    sample_batch_size,
+    saved_activation_bytes,
+    table,
+)
 
 
 @pytest.mark.slow
@@ -60,3 +72,23 @@ def test_table_and_cli(capsys):
     with pytest.raises(ConfigError, match="not divisible by --gpus"):
         table("DiS-H/2", 256, 64, 80, 1000)
     assert main(["--resolution", "250"]) == 2
+
+
+@pytest.mark.parametrize("name,latent", [("DiS-T/8", 32), ("DiS-S/2", 32), ("DiS-S/4", 64)])
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_inference_model_matches_measured_peak(name, latent, precision):
+    """The sampling micro-batch rests on INFER_BYTES: the measured peak of a no-grad forward
+    grows by that much per image."""
+    model = build_model(name, input_size=latent, in_channels=4, num_classes=1000, scan_backend="chunked").eval()
+    per_image = peak_inference_bytes(model, 2, precision) - peak_inference_bytes(model, 1, precision)
+    assert per_image == pytest.approx(inference_bytes_per_image(name, latent=latent, precision=precision), rel=0.2)
+
+
+def test_sample_batch_size_fits_the_free_memory():
+    kwargs = dict(latent=32, channels=4, num_classes=1000, precision="fp32")
+    per_image = inference_bytes_per_image("DiS-H/2", latent=32, precision="fp32")
+    batch = sample_batch_size("DiS-H/2", guidance=True, free_bytes=8 * GB, **kwargs)
+    assert batch == int(0.5 * 8 * GB / (2 * per_image)) and 2 * batch * per_image <= 4 * GB
+    assert sample_batch_size("DiS-H/2", guidance=False, free_bytes=8 * GB, **kwargs) in (2 * batch, 2 * batch + 1)
+    assert sample_batch_size("DiS-H/2", guidance=True, free_bytes=0, **kwargs) == 1  # never below one
+    assert sample_batch_size("DiS-T/8", guidance=True, free_bytes=1e12, **kwargs) == 256  # nor above the cap

@@ -43,3 +43,28 @@ time python tools/sample.py "$SAMPLE_DIR" --out "$SAMPLE_DIR/samples" --num-samp
     --cfg-scale 1.5 --device cuda
 python -c "import numpy as np, sys; z = np.load(sys.argv[1]); print('samples', z['arr_0'].shape, z['arr_0'].dtype)" \
     "$SAMPLE_DIR/samples/samples.npz"
+# Meta-device init and memory-bounded sampling on the GPU: DiS-H/2 under FSDP (one rank), one
+# step, then an 80-image guided grid in planned micro-batches; peak memory of each phase.
+GRID_DIR=$(mktemp -d)
+cat >"$GRID_DIR/grid.py" <<'PY'
+import sys, time, torch
+from dis_dist.config import load_config
+from dis_dist.data.shards import write_random_cache
+from dis_dist.train.trainer import Trainer
+out = sys.argv[1]
+write_random_cache(f"{out}/data", shards=2, per_shard=16, channels=4, size=32, classes=1000)
+cfg = load_config(None, [f"run_dir={out}/run", "data.source=shards", f"data.url={out}/data", "model.name=DiS-H/2",
+                         "train.steps=1", "train.global_batch=8", "train.micro_batch=8", "train.precision=bf16",
+                         "train.activation_checkpointing=1", "dist.strategy=fsdp", "sample.every=0",
+                         "sample.num=80", "sample.cfg_scale=4.0", "sample.steps=ddim5", "sample.sampler=ddim",
+                         "checkpoint.every=0"])
+t = time.perf_counter(); trainer = Trainer(cfg); torch.cuda.synchronize()
+print(f"init (meta-device, fsdp): {time.perf_counter() - t:.1f} s, {torch.cuda.max_memory_allocated() / 2**30:.2f} GiB")
+trainer.fit(resume="none", stop_at_step=1)
+print(f"one step: peak {torch.cuda.max_memory_allocated() / 2**30:.2f} GiB; sampling batch {trainer.sample_batch}")
+torch.cuda.reset_peak_memory_stats(); t = time.perf_counter()
+grid = trainer.sample_grid(); torch.cuda.synchronize()
+print(f"80-image guided grid: {time.perf_counter() - t:.1f} s, peak {torch.cuda.max_memory_allocated() / 2**30:.2f} GiB, "
+      f"grid {grid.shape}")
+PY
+python -m torch.distributed.run --standalone --nproc_per_node=1 "$GRID_DIR/grid.py" "$GRID_DIR"

@@ -26,6 +26,7 @@ import tarfile
 import typing
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import IO, Any
 
 import numpy as np
@@ -473,3 +474,32 @@ def decode_sample(sample: dict[str, Any]) -> tuple[np.ndarray, np.ndarray | None
         return npy_array(sample["latent.npy"]), None if flip is None else npy_array(flip), int(bytes(sample["cls"]))
     except (KeyError, ValueError) as e:
         raise DataError(f"sample {sample.get('__key__')!r} is malformed: {e}") from None
+
+
+def write_random_cache(root: str | Path, *, shards: int, per_shard: int, channels: int, size: int,
+                       classes: int, seed: int = 0) -> Path:
+    """A latent cache of random float16 latents (with flip variants) written directly, no
+    encoder: data for tests and benchmarks whose subject is not the data."""
+    root = Path(root)
+    root.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    entries = []
+    for i in range(shards):
+        samples = [{"key": f"s{i}_{k:03d}", "cls": int(rng.integers(classes)),
+                    "latent": rng.standard_normal((channels, size, size)).astype(np.float16),
+                    "latent_flip": rng.standard_normal((channels, size, size)).astype(np.float16)}
+                   for k in range(per_shard)]
+        data = build_shard(samples)
+        (root / shard_name(i)).write_bytes(data)
+        entries.append({"name": shard_name(i), "samples": per_shard, "bytes": len(data),
+                        "sha256": hashlib.sha256(data).hexdigest()})
+    manifest = {
+        "format_version": 1,
+        "info": {"vae": "pixels", "vae_revision": None, "scaling_factor": 1.0, "resolution": size,
+                 "latent_shape": [channels, size, size], "latent_dtype": "float16", "latent_kind": "sample",
+                 "class_names": [f"c{c}" for c in range(classes)], "has_flip": True, "num_shards": shards,
+                 "encode": {}},
+        "total_samples": shards * per_shard, "shards": entries, "skipped": [],
+    }
+    (root / MANIFEST).write_text(json.dumps(manifest))
+    return root

@@ -15,6 +15,7 @@ import torch
 from torch import Tensor
 
 from dis_dist.diffusion.losses import discretized_gaussian_log_likelihood, mean_flat, normal_kl
+from dis_dist.errors import ConfigError
 
 Model = Callable[..., Tensor]
 # One generator for the whole batch, or one per sample.
@@ -47,6 +48,8 @@ class GaussianDiffusion:
         self, betas: Tensor, *, learn_sigma: bool = True, timestep_map: Tensor | None = None
     ) -> None:
         betas = betas.to(torch.float64)
+        if len(betas) < 2:  # the posterior variance at t=1 is the first step's: there must be one
+            raise ConfigError(f"a diffusion needs at least 2 steps, got {len(betas)} (sample.steps / --steps)")
         self.betas = betas
         self.num_timesteps = len(betas)
         self.learn_sigma = learn_sigma

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import warnings
+from collections.abc import Iterator
 from concurrent.futures import Future
 from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
@@ -118,6 +119,27 @@ class FSDPStrategy(Strategy):
         ema = [local_tensor(e) for e in self._ema]
         params = [local_tensor(p.detach()) for p in self.model.parameters()]
         torch._foreach_lerp_(ema, params, 1.0 - decay)
+
+    @contextmanager
+    def ema_for_sampling(self) -> Iterator[tuple[nn.Module, bool]]:
+        """The sharded model itself with the EMA shards swapped in (each rank keeps one copy of
+        its own weight shards aside): no rank ever holds the whole EMA."""
+        self._reshard()  # FSDP keeps the root gathered after a forward pass: the shards, here
+        params = [local_tensor(p.detach()) for p in self.model.parameters()]
+        kept = [p.clone() for p in params]
+        training = self.model.training
+        torch._foreach_copy_(params, [local_tensor(e) for e in self._ema])
+        try:
+            yield self.model.eval(), True
+        finally:
+            self._reshard()  # no gathered EMA weights left for training's next forward pass
+            torch._foreach_copy_(params, kept)
+            self.model.train(training)
+
+    def _reshard(self) -> None:
+        for module in self.model.modules():
+            if isinstance(module, FSDPModule):
+                module.reshard()
 
     def _ema_state(self) -> dict[str, Tensor]:
         return dict(zip(self._names, self._ema))

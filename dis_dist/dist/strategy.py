@@ -9,9 +9,9 @@ from __future__ import annotations
 import copy
 import math
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future
-from contextlib import AbstractContextManager, nullcontext
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -112,6 +112,13 @@ class Strategy(ABC):
             for tensor in module.state_dict().values():
                 dist.broadcast(tensor, src=0)
         return module.eval().requires_grad_(False)
+
+    @contextmanager
+    def ema_for_sampling(self) -> Iterator[tuple[nn.Module, bool]]:
+        """Collective. The EMA weights as a module every rank samples with, in eval mode, and
+        whether its forward pass is collective (every rank must then call it equally often).
+        Here a whole copy on every rank; sharded strategies lend their sharded model instead."""
+        yield self.ema_model(all_ranks=True), False
 
     @abstractmethod
     def save(self, directory: Path) -> Future | None:

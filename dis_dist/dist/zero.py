@@ -14,6 +14,8 @@ import json
 import logging
 import math
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -186,6 +188,36 @@ class DeepSpeedStrategy(Strategy):
         ema = [self._ema[name][1] for name in current]
         torch._foreach_lerp_(ema, [frag.float() for _, frag in current.values()], 1.0 - decay)
 
+    @contextmanager
+    def ema_for_sampling(self) -> Iterator[tuple[nn.Module, bool]]:
+        """ZeRO-3: the partitioned model itself with the EMA partitions swapped in (and the
+        parameters DeepSpeed keeps whole, below its persistence threshold, gathered again), so
+        no rank holds the whole EMA. ZeRO-1/2 hold whole weights anyway: a whole copy."""
+        if self.stage != 3:
+            yield self.ema_model(all_ranks=True), False
+            return
+        module = self.engine.module
+        training = module.training
+
+        def load(values: list[Tensor]) -> None:
+            for p, value in zip(self._params, values):
+                n = min(p.ds_tensor.numel(), value.numel())
+                p.ds_tensor.view(-1)[:n].copy_(value.view(-1)[:n])
+            persistent = [p for p in self._params if getattr(p, "ds_persist", False)]
+            if persistent:  # as DeepSpeed's own optimiser step does: release, then gather anew
+                persistent[0].partition(param_list=persistent)
+                persistent[0].all_gather(param_list=persistent)
+
+        kept = [p.ds_tensor.detach().clone() for p in self._params]
+        with torch.no_grad():
+            load([self._ema[name][1] for name in self._names])
+        try:
+            yield module.eval(), True
+        finally:
+            with torch.no_grad():
+                load(kept)
+            module.train(training)
+
     def full_state_dict(self, ema: bool = True) -> dict[str, Tensor] | None:
         fragments = self._ema if ema else self._fragments()
         full = {}
@@ -233,8 +265,13 @@ class DeepSpeedStrategy(Strategy):
             self._ema[name][1].copy_(tensor)
 
     def local_numel(self) -> dict[str, int]:
-        params = sum(p.ds_tensor.numel() if hasattr(p, "ds_tensor") else p.numel() for p in self._params)
-        master = sum(frag.numel() for _, frag in self._fragments().values())
+        stored = [p.ds_tensor if hasattr(p, "ds_tensor") else p for p in self._params]
+        params = sum(t.numel() for t in stored)
+        # A master partition that shares the weights' storage (DeepSpeed does so where their dtype
+        # and device agree) is not counted twice.
+        weights = {t.untyped_storage().data_ptr() for t in stored}
+        master = sum(frag.numel() for _, frag in self._fragments().values()
+                     if frag.untyped_storage().data_ptr() not in weights)
         return {
             "params": params,
             "optimizer": master + optimizer_numel(self.optimizer.optimizer),

@@ -4,7 +4,7 @@ when the batches are the same, as :func:`batches_of_rank` arranges)."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from contextlib import nullcontext
 from dataclasses import dataclass
 
@@ -80,3 +80,20 @@ def generate(
     if images.shape[-1] == 1:
         images = np.repeat(images, 3, axis=-1)
     return images, None if labels is None else labels.cpu().numpy()
+
+
+def generate_share(
+    model: Callable[..., Tensor], diffusion: GaussianDiffusion, num: int, batch_size: int, *,
+    rank: int, world_size: int, collective: bool, **kwargs: object,
+) -> Iterator[tuple[list[int], np.ndarray, np.ndarray | None]]:
+    """This rank's share of samples 0..num-1 (:func:`batches_of_rank`), a batch at a time:
+    (indices, images, labels); ``kwargs`` go to :func:`generate`. With a ``collective`` model
+    (a sharded one, whose forward pass gathers weights from every rank) a rank with fewer
+    batches draws throwaway ones so that every rank calls the model equally often."""
+    mine = batches_of_rank(num, batch_size, rank, world_size)
+    rounds = len(batches_of_rank(num, batch_size, 0, world_size)) if collective else len(mine)
+    for r in range(rounds):
+        if r < len(mine):
+            yield mine[r], *generate(model, diffusion, mine[r], **kwargs)
+        else:
+            generate(model, diffusion, [0], **kwargs)

@@ -1,6 +1,6 @@
 """Evaluation during training: every ``eval.every`` steps, ``eval.num_samples`` EMA samples,
-drawn by all ranks together (each its share of the batches), scored on rank 0 against the
-reference statistics (computed once, cached)."""
+drawn by all ranks together (each its share of the batches of ``sample.batch_size``), scored on
+rank 0 against the reference statistics (computed once, cached)."""
 
 from __future__ import annotations
 
@@ -17,17 +17,28 @@ from dis_dist.dist.env import DistEnv
 from dis_dist.errors import ConfigError
 from dis_dist.eval.features import build_extractor, reference_stats
 from dis_dist.eval.fid import score
-from dis_dist.eval.generate import SampleSettings, batches_of_rank, generate
+from dis_dist.eval.generate import SampleSettings, generate_share
 
 VAE_DOWNSAMPLING = 8  # image pixels per latent pixel (the SD VAE), for references stored as images
+
+
+def sample_settings(cfg: RunConfig) -> SampleSettings:
+    """The ``sample.*`` settings, with class-balanced labels (sample i is of class i mod classes):
+    what grids and evaluations during training draw."""
+    sc = cfg.sample
+    return SampleSettings(
+        sampler=sc.sampler, steps=sc.steps, eta=sc.ddim_eta, cfg_scale=sc.cfg_scale,
+        cfg_channels=sc.cfg_channels, clip_denoised=sc.clip_denoised, seed=sc.seed, labels="balanced",
+    )
 
 
 class Evaluator:
     """Built by every rank at the start of training (the feature network and the decoder
     everywhere, the reference statistics on rank 0); called collectively."""
 
-    def __init__(self, cfg: RunConfig, env: DistEnv, model_spec: dict, vae: str, scaling_factor: float) -> None:
-        self.cfg, self.env, self.spec = cfg, env, model_spec
+    def __init__(self, cfg: RunConfig, env: DistEnv, model_spec: dict, vae: str, scaling_factor: float,
+                 batch_size: int) -> None:
+        self.cfg, self.env, self.spec, self.batch_size = cfg, env, model_spec, batch_size
         ec = cfg.eval
         if "://" not in ec.reference and not Path(ec.reference).exists():  # on every rank: none waits for rank 0
             raise ConfigError(f"eval.reference: {ec.reference!r} does not exist")
@@ -38,23 +49,22 @@ class Evaluator:
         # fails before training starts.
         self.reference = reference_stats(ec.reference, self.extractor, resolution=resolution,
                                          batch_size=ec.batch_size) if env.is_main else None
-        sc = cfg.sample
-        self.settings = SampleSettings(
-            sampler=sc.sampler, steps=sc.steps, eta=sc.ddim_eta, cfg_scale=sc.cfg_scale,
-            cfg_channels=sc.cfg_channels, clip_denoised=sc.clip_denoised, seed=sc.seed, labels="balanced",
-        )
+        self.settings = sample_settings(cfg)
 
-    def __call__(self, model: nn.Module, diffusion: GaussianDiffusion) -> dict[str, float] | None:
-        """Collective. The metrics on rank 0, None elsewhere."""
+    def __call__(
+        self, model: nn.Module, diffusion: GaussianDiffusion, collective: bool = False
+    ) -> dict[str, float] | None:
+        """Collective. The metrics on rank 0, None elsewhere. ``collective``: every rank must
+        call ``model`` equally often (a sharded model)."""
         ec, env = self.cfg.eval, self.env
         features: dict[str, list[np.ndarray]] = {}
         labels: list[np.ndarray] = []
-        for indices in batches_of_rank(ec.num_samples, ec.batch_size, env.rank, env.world_size):
-            images, y = generate(
-                model, diffusion, indices, channels=self.spec["in_channels"], size=self.spec["input_size"],
-                num_classes=self.spec["num_classes"], settings=self.settings, decode=self.decode,
-                device=env.device, bf16=self.cfg.train.precision == "bf16",
-            )
+        for _, images, y in generate_share(
+            model, diffusion, ec.num_samples, self.batch_size, rank=env.rank, world_size=env.world_size,
+            collective=collective, channels=self.spec["in_channels"], size=self.spec["input_size"],
+            num_classes=self.spec["num_classes"], settings=self.settings, decode=self.decode,
+            device=env.device, bf16=self.cfg.train.precision == "bf16",
+        ):
             for key, value in self.extractor(images).items():
                 features.setdefault(key, []).append(value)
             if y is not None:

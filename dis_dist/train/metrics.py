@@ -20,6 +20,16 @@ def peak_memory_gb(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
 
 
+def free_memory_bytes(device: torch.device, local_ranks: int = 1) -> float:
+    """Memory this rank may still use: the GPU's free memory, or on CPU the host's available
+    memory shared among the ``local_ranks`` processes of this machine."""
+    if device.type == "cuda":
+        return float(torch.cuda.mem_get_info(device)[0])
+    with open("/proc/meminfo") as f:
+        fields = dict(line.split(":", 1) for line in f)
+    return int(fields["MemAvailable"].split()[0]) * 1024 / max(1, local_ranks)
+
+
 # Dense peak FLOP/s per GPU (bf16, and TF32 for fp32 training), from the vendors' datasheets.
 PEAK_FLOPS = {
     "H200": (989e12, 494e12),

@@ -21,21 +21,22 @@ from dis_dist.config import RunConfig, grad_accumulation, save_config, to_dict, 
 from dis_dist.data import build_loader
 from dis_dist.data.encoders import display_decoder
 from dis_dist.diffusion import create_diffusion
-from dis_dist.diffusion.sampling import sample
-from dis_dist.dist.env import DistEnv, init_distributed
+from dis_dist.dist.env import DistEnv, bound_host_heap, init_distributed
 from dis_dist.dist.strategy import StepResult, build_strategy
 from dis_dist.errors import CheckpointError, CheckpointMismatch, TrainingError
 from dis_dist.eval.fid import format_metrics
+from dis_dist.eval.generate import generate_share
 from dis_dist.models import build_model
 from dis_dist.models.flops import model_flops
+from dis_dist.plan import sample_batch_size
 from dis_dist.train.checkpoint import CheckpointManager, resolve_resume, verify_checkpoint
 from dis_dist.train.ema import ema_decay_at
-from dis_dist.train.evaluation import Evaluator
+from dis_dist.train.evaluation import Evaluator, sample_settings
 from dis_dist.train.lr import lr_factor
-from dis_dist.train.metrics import RunLogger, format_duration, peak_flops, peak_memory_gb
+from dis_dist.train.metrics import RunLogger, format_duration, free_memory_bytes, peak_flops, peak_memory_gb
 from dis_dist.train.preemption import StopRequest
 from dis_dist.train.safe_load import load_torch
-from dis_dist.utils.images import make_grid, save_png, to_uint8
+from dis_dist.utils.images import make_grid, save_png
 from dis_dist.utils.seeding import mix_seed
 
 log = logging.getLogger("dis_dist.train")
@@ -74,6 +75,8 @@ class Trainer:
     def __init__(self, cfg: RunConfig, env: DistEnv | None = None) -> None:
         self.env = env or init_distributed(cfg.dist.strategy, cfg.train.device, cfg.dist.timeout_min)
         validate(cfg, self.env.world_size)
+        if self.env.device.type == "cpu":
+            bound_host_heap()
         self.cfg = cfg
         self.run_dir = Path(cfg.run_dir)
         self.accum = grad_accumulation(cfg, self.env.world_size)
@@ -127,8 +130,9 @@ class Trainer:
         self.strategy = build_strategy(self.env, cfg, model, self.accum, make_optimizer, make_scheduler)
         self.scheduler = self.strategy.scheduler
         self._decode = None  # latents -> images for sample grids, built on first use
-        self.evaluator = (Evaluator(cfg, self.env, self.model_spec, self.loader.vae, self.loader.scaling_factor)
-                          if cfg.eval.every else None)
+        self.sample_batch = cfg.sample.batch_size or self._planned_sample_batch()
+        self.evaluator = (Evaluator(cfg, self.env, self.model_spec, self.loader.vae, self.loader.scaling_factor,
+                                    self.sample_batch) if cfg.eval.every else None)
         self.metrics: dict[str, float] = {}  # of the last evaluation
         self.checkpoints = CheckpointManager(
             self.run_dir / "checkpoints", cfg.checkpoint.keep_last, cfg.checkpoint.keep_every
@@ -140,6 +144,17 @@ class Trainer:
         self.stopped: str | None = None  # why fit stopped before its end step (a signal, a request)
         self.last_loss = float("nan")  # the mean loss of the last logging window
         self.images_per_sec = float("nan")  # and its throughput
+
+    def _planned_sample_batch(self) -> int:
+        """Samples per forward pass: the planner's inference estimate against half of this
+        rank's free memory, now that the training state is allocated."""
+        sc = self.cfg.sample
+        return sample_batch_size(
+            self.cfg.model.name, latent=self.loader.image_size, channels=self.loader.channels,
+            num_classes=self.num_classes, precision=self.cfg.train.precision,
+            guidance=bool(self.num_classes) and sc.cfg_scale != 1.0,
+            free_bytes=free_memory_bytes(self.env.device, self.env.local_world_size),
+        )
 
     # -- checkpoints ------------------------------------------------------------------------
     def model_info(self) -> dict:
@@ -266,36 +281,40 @@ class Trainer:
 
     # -- samples ----------------------------------------------------------------------------
     def sample_grid(self) -> np.ndarray | None:
-        """Collective. EMA samples from fixed noise and labels (one row per class), as a uint8
-        grid on rank 0 (None elsewhere)."""
-        ema = self.strategy.ema_model()
-        if ema is None:
-            return None
+        """Collective. ``sample.num`` EMA samples from fixed noise and labels (a row per class),
+        drawn by every rank in micro-batches of ``sample.batch_size``; a uint8 grid on rank 0
+        (None elsewhere)."""
         sc = self.cfg.sample
-        gen = torch.Generator().manual_seed(sc.seed)
-        c, s = self.loader.channels, self.loader.image_size
-        noise = torch.randn(sc.num, c, s, s, generator=gen).to(self.env.device)
-        labels = None
-        ncol = None
-        if self.num_classes:
-            per_class = max(1, sc.num // self.num_classes)
-            labels = (torch.arange(sc.num) // per_class % self.num_classes).to(self.env.device)
-            ncol = per_class
-        with torch.autocast(self.env.device.type, torch.bfloat16, enabled=self.cfg.train.precision == "bf16"):
-            images = sample(
-                ema, self.sample_diffusion, noise, labels=labels,
-                null_class=self.num_classes, sampler=sc.sampler, ddim_eta=sc.ddim_eta,
-                cfg_scale=sc.cfg_scale, cfg_channels=sc.cfg_channels,
-                clip_denoised=sc.clip_denoised, generator=gen,
-            )
         if self._decode is None:
             self._decode = display_decoder(self.loader.vae, self.loader.scaling_factor, self.env.device)
-        return make_grid(to_uint8(self._decode(images)), ncol=ncol)
+        mine = []
+        with self.strategy.ema_for_sampling() as (model, collective):
+            for indices, images, labels in generate_share(
+                model, self.sample_diffusion, sc.num, self.sample_batch, rank=self.env.rank,
+                world_size=self.env.world_size, collective=collective, channels=self.loader.channels,
+                size=self.loader.image_size, num_classes=self.num_classes, settings=sample_settings(self.cfg),
+                decode=self._decode, device=self.env.device, bf16=self.cfg.train.precision == "bf16",
+            ):
+                mine.append((indices, images, labels))
+        parts = [mine]
+        if self.env.distributed:
+            parts = [None] * self.env.world_size
+            dist.all_gather_object(parts, mine)
+        if not self.env.is_main:
+            return None
+        batches = sorted((b for part in parts for b in part), key=lambda b: b[0][0])
+        images = np.concatenate([b[1] for b in batches])
+        if not self.num_classes:
+            return make_grid(images)
+        labels = np.concatenate([b[2] for b in batches])  # sample i is of class i mod classes
+        per_class = sc.num // self.num_classes
+        return make_grid(images[np.argsort(labels, kind="stable")], ncol=per_class or None)
 
     def evaluate(self, logger: RunLogger) -> None:
         """Collective. Score eval.num_samples EMA samples; log the metrics (rank 0)."""
         start = time.perf_counter()
-        metrics = self.evaluator(self.strategy.ema_model(all_ranks=True), self.sample_diffusion)
+        with self.strategy.ema_for_sampling() as (model, collective):
+            metrics = self.evaluator(model, self.sample_diffusion, collective)
         if metrics is None:
             return
         self.metrics = metrics
@@ -362,9 +381,10 @@ class Trainer:
         if env.is_main:
             log.info(
                 "model %s: %.2fM parameters | %d steps, global batch %d = micro %d x %d rank(s) x %d "
-                "accumulation | %s on %s",
+                "accumulation | %s on %s | sampling %d images per forward pass%s",
                 cfg.model.name, self.num_params / 1e6, cfg.train.steps, cfg.train.global_batch,
                 cfg.train.micro_batch, env.world_size, self.accum, self.strategy.name, env.device,
+                self.sample_batch, "" if cfg.sample.batch_size else " (planned)",
             )
         model = self.strategy.model
         model.train()
