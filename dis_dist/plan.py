@@ -9,7 +9,7 @@ Model states, per parameter (P parameters, S ranks sharing one copy of the model
     fsdp / hsdp       4/S            4/S         8/S                              4/S
     zero1             4              4           (4 + 8)/S                        4/S
     zero2             4              4/S         (4 + 8)/S                        4/S
-    zero3             4/S            4/S         (4 + 8)/S                        4/S
+    zero3             4/S            4/S         8/S (the weights are the master)  4/S
 
 FSDP keeps fp32 sharded weights (they are the master copy) and gathers bf16 copies block by
 block: two blocks at a time (one prefetched), and with ``reshard_after_forward=false`` the whole
@@ -59,6 +59,9 @@ HOST_FRAGMENTATION = 1.05
 # for stage 3, configs/deepspeed/zero3.json's reduce bucket (2e8), twice (the reduce-scatter
 # flattens a copy of it: measured, tools/bench_scale.py), and its prefetch bucket (5e7).
 ZERO_BUCKETS = {1: 5e8, 2: 2 * 5e8, 3: 2 * 2e8 + 5e7}
+# ZeRO-3 steps AdamW a sub-group of its partition at a time (DeepSpeed's sub_group_size, 1e9
+# elements by default); AdamW's temporaries are two fp32 copies of the sub-group.
+ZERO3_SUB_GROUP = 1e9
 
 
 @dataclass(frozen=True)
@@ -108,9 +111,10 @@ class Estimate:
 def estimate(
     model: str, *, latent: int, channels: int = 4, num_classes: int = 1000, gpus: int,
     gpus_per_node: int = 8, precision: str = "bf16", zero_buckets: dict[int, float] | None = None,
+    zero3_sub_group: float = ZERO3_SUB_GROUP,
 ) -> list[Estimate]:
     """Per-GPU memory of every setting in SETTINGS for ``model`` on ``latent`` x ``latent`` inputs
-    (``zero_buckets``: DeepSpeed's bucket elements per stage, when not ZERO_BUCKETS)."""
+    (``zero_buckets``, ``zero3_sub_group``: DeepSpeed's settings, when not this module's)."""
     zero_buckets = {**ZERO_BUCKETS, **(zero_buckets or {})}
     size, patch = parse_model_name(model)
     params = count_parameters(model, input_size=latent, in_channels=channels, num_classes=num_classes)
@@ -135,8 +139,12 @@ def estimate(
             stage = int(s.name[-1])
             w = 4 * P / (shards if stage == 3 else 1)
             g = 4 * P / (shards if stage >= 2 else 1)
-            o, e = (4 * P + 8 * P) / shards, 4 * P / shards  # fp32 master partition + Adam
-            tr = zero_buckets[stage] * lp + (2 * lp * block_params if stage == 3 else 0)
+            # Adam, and an fp32 master partition, except under ZeRO-3, whose fp32 weight partitions
+            # are the master (dis_dist/dist/zero.py: share_master_partitions).
+            o, e = (8 * P + (0 if stage == 3 else 4 * P)) / shards, 4 * P / shards
+            tr = zero_buckets[stage] * lp
+            if stage == 3:  # two gathered blocks, AdamW's temporaries of one sub-group
+                tr += 2 * lp * block_params + 2 * 4 * min(zero3_sub_group, P / shards)
         out.append(Estimate(s, w, g, o, e, tr, act, act_ckpt, act_block))
     return out
 

@@ -46,7 +46,7 @@ def test_sharding_arithmetic():
     # DeepSpeed's bf16 is autocast over fp32 weights: fp32 weights and gradients.
     assert by_name["zero1"].states == pytest.approx(8 * params + 16 * params / 64)
     assert by_name["zero2"].states == pytest.approx(4 * params + 20 * params / 64)
-    assert by_name["zero3"].states == pytest.approx(24 * params / 64)
+    assert by_name["zero3"].states == pytest.approx(20 * params / 64)  # its weights are the master
     # More GPUs never need more memory per GPU; checkpointing always needs less.
     wide = {e.setting.name: e for e in estimate("DiS-H/2", latent=32, gpus=256, precision="bf16")}
     for name, est in by_name.items():

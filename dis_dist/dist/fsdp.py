@@ -38,6 +38,7 @@ from dis_dist.dist.strategy import (
     local_tensor,
     optimizer_numel,
     param_groups,
+    swap_values,
 )
 from dis_dist.train.safe_load import DataOnlyPlanner, DataOnlyReader
 
@@ -122,18 +123,17 @@ class FSDPStrategy(Strategy):
 
     @contextmanager
     def ema_for_sampling(self) -> Iterator[tuple[nn.Module, bool]]:
-        """The sharded model itself with the EMA shards swapped in (each rank keeps one copy of
-        its own weight shards aside): no rank ever holds the whole EMA."""
+        """The sharded model itself with the EMA shards swapped in (the weight shards wait in the
+        EMA's place): no rank ever holds the whole EMA, nor a second copy of its shards."""
         self._reshard()  # FSDP keeps the root gathered after a forward pass: the shards, here
-        params = [local_tensor(p.detach()) for p in self.model.parameters()]
-        kept = [p.clone() for p in params]
+        shards = ([local_tensor(p.detach()) for p in self.model.parameters()], [local_tensor(e) for e in self._ema])
         training = self.model.training
-        torch._foreach_copy_(params, [local_tensor(e) for e in self._ema])
+        swap_values(*shards)
         try:
             yield self.model.eval(), True
         finally:
             self._reshard()  # no gathered EMA weights left for training's next forward pass
-            torch._foreach_copy_(params, kept)
+            swap_values(*shards)
             self.model.train(training)
 
     def _reshard(self) -> None:

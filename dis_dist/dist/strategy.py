@@ -9,7 +9,7 @@ from __future__ import annotations
 import copy
 import math
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Future
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass
@@ -146,6 +146,16 @@ class Strategy(ABC):
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         return StepResult(norm_value, skipped)
+
+
+@torch.no_grad()
+def swap_values(a: Sequence[Tensor], b: Sequence[Tensor]) -> None:
+    """Exchange the values of the tensors of ``a`` and ``b`` pairwise, in place, with one tensor's
+    worth of extra memory at a time (twice is the identity, bit for bit)."""
+    for x, y in zip(a, b):
+        kept = x.clone()
+        x.copy_(y)
+        y.copy_(kept)
 
 
 def optimizer_numel(optimizer: torch.optim.Optimizer) -> int:

@@ -33,6 +33,7 @@ from dis_dist.dist.strategy import (
     Strategy,
     optimizer_numel,
     param_groups,
+    swap_values,
 )
 from dis_dist.errors import BackendError, CheckpointError, ConfigError
 from dis_dist.train.safe_load import load_torch, torch_load_as_data
@@ -130,6 +131,19 @@ def partition_from_meta(deepspeed, model: nn.Module, device: torch.device, seed:
         deepspeed.zero.Init(module=unit, config_dict_or_path=ds_config)
 
 
+def share_master_partitions(optimizer: Any) -> None:
+    """ZeRO-3 over fp32 weights (this project's bf16 is torch autocast, so its weights are always
+    fp32) needs no second fp32 copy of each partition as the master, and DeepSpeed 0.19 means to
+    skip it, but its test compares a ``torch.device`` with a device name and never holds: the
+    master partitions become the weight partitions themselves (4 bytes per parameter and rank:
+    1.8 GB per rank of DiS-H/2 on 2 ranks). The optimiser's step then updates the weights in
+    place, and DeepSpeed's copy from master to weights copies a tensor onto itself."""
+    for low, master in zip(optimizer.fp16_partitioned_groups_flat, optimizer.fp32_partitioned_groups_flat):
+        if (low is not None and low.dtype == master.dtype and low.device == master.device
+                and low.shape == master.shape and low.data_ptr() != master.data_ptr()):
+            master.data = low.data
+
+
 class DeepSpeedStrategy(Strategy):
     name = "deepspeed"
 
@@ -153,6 +167,8 @@ class DeepSpeedStrategy(Strategy):
             model=model, optimizer=optimizer, lr_scheduler=make_scheduler, config=ds_config,
         )
         self.model = self.engine
+        if self.stage == 3:
+            share_master_partitions(self.engine.optimizer)
         self._params = [p for _, p in self.engine.module.named_parameters()]
         self._ema = {name: (start, frag.detach().clone().float())
                      for name, (start, frag) in self._fragments().items()}
@@ -190,32 +206,34 @@ class DeepSpeedStrategy(Strategy):
 
     @contextmanager
     def ema_for_sampling(self) -> Iterator[tuple[nn.Module, bool]]:
-        """ZeRO-3: the partitioned model itself with the EMA partitions swapped in (and the
-        parameters DeepSpeed keeps whole, below its persistence threshold, gathered again), so
-        no rank holds the whole EMA. ZeRO-1/2 hold whole weights anyway: a whole copy."""
+        """ZeRO-3: the partitioned model itself with the EMA partitions swapped in (the weight
+        partitions wait in the EMA's place; the parameters DeepSpeed keeps whole, below its
+        persistence threshold, are gathered again), so no rank holds the whole EMA. ZeRO-1/2
+        hold whole weights anyway: a whole copy."""
         if self.stage != 3:
             yield self.ema_model(all_ranks=True), False
             return
         module = self.engine.module
         training = module.training
+        pairs = []
+        for name, p in zip(self._names, self._params):
+            ema = self._ema[name][1]
+            n = min(p.ds_tensor.numel(), ema.numel())  # the last partition is padded
+            pairs.append((p.ds_tensor.detach().view(-1)[:n], ema.view(-1)[:n]))
+        persistent = [p for p in self._params if getattr(p, "ds_persist", False)]
 
-        def load(values: list[Tensor]) -> None:
-            for p, value in zip(self._params, values):
-                n = min(p.ds_tensor.numel(), value.numel())
-                p.ds_tensor.view(-1)[:n].copy_(value.view(-1)[:n])
-            persistent = [p for p in self._params if getattr(p, "ds_persist", False)]
+        @torch.no_grad()
+        def swap() -> None:
+            swap_values(*zip(*pairs))
             if persistent:  # as DeepSpeed's own optimiser step does: release, then gather anew
                 persistent[0].partition(param_list=persistent)
                 persistent[0].all_gather(param_list=persistent)
 
-        kept = [p.ds_tensor.detach().clone() for p in self._params]
-        with torch.no_grad():
-            load([self._ema[name][1] for name in self._names])
+        swap()
         try:
             yield module.eval(), True
         finally:
-            with torch.no_grad():
-                load(kept)
+            swap()
             module.train(training)
 
     def full_state_dict(self, ema: bool = True) -> dict[str, Tensor] | None:
