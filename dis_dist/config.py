@@ -81,7 +81,7 @@ class TrainConfig:
 @dataclass
 class SampleConfig:
     every: int = 10_000  # steps between EMA sample grids in TensorBoard; 0 disables
-    num: int = 40  # images in a grid
+    num: int = 40  # images in a grid (TensorBoard's and the end-of-run samples.png); 0: none at the end
     batch_size: int = 0  # samples per forward pass on one rank (x2 with guidance), for grids and
     # evaluations; 0: the planner's inference estimate against this device's free memory
     steps: str = "100"  # respacing of the sampler: "250", "ddim50", ...

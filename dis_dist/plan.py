@@ -62,6 +62,11 @@ ZERO_BUCKETS = {1: 5e8, 2: 2 * 5e8, 3: 2 * 2e8 + 5e7}
 # ZeRO-3 steps AdamW a sub-group of its partition at a time (DeepSpeed's sub_group_size, 1e9
 # elements by default); AdamW's temporaries are two fp32 copies of the sub-group.
 ZERO3_SUB_GROUP = 1e9
+# ZeRO-3 keeps gathered up to this many parameters beyond the blocks in use: those it prefetches
+# and those it will use again soon (configs/deepspeed/zero3.json's stage3_max_live_parameters and
+# stage3_max_reuse_distance). DeepSpeed's defaults (1e9) kept nearly all of DiS-H/2 gathered on
+# every rank after the first step: 3.6 GB more in fp32 (measured, tools/bench_scale.py).
+ZERO3_LIVE = 1e8
 
 
 @dataclass(frozen=True)
@@ -111,10 +116,10 @@ class Estimate:
 def estimate(
     model: str, *, latent: int, channels: int = 4, num_classes: int = 1000, gpus: int,
     gpus_per_node: int = 8, precision: str = "bf16", zero_buckets: dict[int, float] | None = None,
-    zero3_sub_group: float = ZERO3_SUB_GROUP,
+    zero3_sub_group: float = ZERO3_SUB_GROUP, zero3_live: float = ZERO3_LIVE,
 ) -> list[Estimate]:
     """Per-GPU memory of every setting in SETTINGS for ``model`` on ``latent`` x ``latent`` inputs
-    (``zero_buckets``, ``zero3_sub_group``: DeepSpeed's settings, when not this module's)."""
+    (``zero_buckets``, ``zero3_sub_group``, ``zero3_live``: DeepSpeed's settings, when not this module's)."""
     zero_buckets = {**ZERO_BUCKETS, **(zero_buckets or {})}
     size, patch = parse_model_name(model)
     params = count_parameters(model, input_size=latent, in_channels=channels, num_classes=num_classes)
@@ -143,8 +148,8 @@ def estimate(
             # are the master (dis_dist/dist/zero.py: share_master_partitions).
             o, e = (8 * P + (0 if stage == 3 else 4 * P)) / shards, 4 * P / shards
             tr = zero_buckets[stage] * lp
-            if stage == 3:  # two gathered blocks, AdamW's temporaries of one sub-group
-                tr += 2 * lp * block_params + 2 * 4 * min(zero3_sub_group, P / shards)
+            if stage == 3:  # two gathered blocks and the live ones, AdamW's temporaries of a sub-group
+                tr += lp * (2 * block_params + min(zero3_live, P)) + 2 * 4 * min(zero3_sub_group, P / shards)
         out.append(Estimate(s, w, g, o, e, tr, act, act_ckpt, act_block))
     return out
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -143,6 +144,44 @@ def test_latents_labels_and_flips_match_direct_encoding(vae_cache, image_folder,
         np.testing.assert_allclose(latent[:4], (direct.mean[0] * sf).numpy(), rtol=1e-2, atol=2e-3)
         np.testing.assert_allclose(latent[4:], (direct.std[0] * sf).numpy(), rtol=1e-2, atol=2e-3)
         np.testing.assert_allclose(flip[:4], (direct_flip.mean[0] * sf).numpy(), rtol=1e-2, atol=2e-3)
+
+
+KILLED_RANK = """
+import multiprocessing, os, signal, sys
+from dis_dist.data.stream import StreamLoader, StreamSpec
+
+if __name__ == "__main__":
+    loader = StreamLoader(StreamSpec(url=sys.argv[1], batch_size=2, num_workers=2))
+    next(loader)
+    print(" ".join(str(p.pid) for p in multiprocessing.active_children()), flush=True)
+    os.kill(os.getpid(), signal.SIGKILL)  # as the OOM killer or a lost node would
+"""
+
+
+def _running(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+def test_loader_workers_exit_when_their_rank_is_killed(tmp_path):
+    """A killed rank's DataLoader workers see it gone and exit (they once outlived it, holding
+    their memory and the launcher's output pipe, when a fork server was their parent)."""
+    from dis_dist.data.shards import write_random_cache
+
+    cache = write_random_cache(tmp_path / "cache", shards=4, per_shard=4, channels=4, size=8, classes=3)
+    script = tmp_path / "rank.py"
+    script.write_text(KILLED_RANK)
+    proc = subprocess.Popen([sys.executable, str(script), str(cache)], cwd=ROOT, stdout=subprocess.PIPE, text=True)
+    workers = [int(pid) for pid in proc.stdout.readline().split()]
+    assert proc.wait(timeout=60) == -9 and len(workers) == 2
+    deadline = time.monotonic() + 30  # the workers look for their parent every 5 s
+    while any(map(_running, workers)) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert not any(map(_running, workers))
+    assert proc.stdout.read() == ""  # EOF: no worker holds the pipe open any more
+    proc.stdout.close()
 
 
 def test_loader_draws_from_the_moments_and_resumes_exactly(vae_cache):

@@ -65,6 +65,11 @@ def test_resume_is_bit_exact(tmp_path, fmnist_root):
     assert not torch.equal(model_a["ema"]["pos_embed"], model_a["model"]["pos_embed"])
 
 
+def test_sample_num_zero_draws_no_grid(tmp_path, fmnist_root):
+    result = Trainer(_config(tmp_path, fmnist_root, "train.steps=1", "sample.every=0", "sample.num=0")).fit()
+    assert result.step == 1 and result.samples_png is None and not (tmp_path / "samples.png").exists()
+
+
 def test_tensorboard_holds_scalars_images_and_config(tmp_path, fmnist_root):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 

@@ -28,12 +28,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 ROOT = Path(__file__).resolve().parents[1]
 STRATEGIES = {"fsdp": ["dist.strategy=fsdp"], "zero3": ["dist.strategy=deepspeed", "dist.zero_stage=3"]}
-# ZeRO-3's buckets and optimiser sub-groups, smaller than configs/deepspeed/zero3.json's GPU-sized
-# ones (2e8 elements to reduce, twice over, are 1.6 GB per rank in fp32; one sub-group of a
-# rank's whole partition makes AdamW's temporaries 2 x 1.8 GB): two DiS-H/2 ranks must fit 24 GB.
+# ZeRO-3's buckets, optimiser sub-groups and live parameters, smaller than
+# configs/deepspeed/zero3.json's GPU-sized ones (2e8 elements to reduce, twice over, are 1.6 GB
+# per rank in fp32; one sub-group of a rank's whole partition makes AdamW's temporaries
+# 2 x 1.8 GB): two DiS-H/2 ranks must fit 24 GB.
 ZERO3_BUCKET = 2e7
 ZERO3_CONFIG = {"zero_optimization": {"reduce_bucket_size": ZERO3_BUCKET, "stage3_prefetch_bucket_size": ZERO3_BUCKET,
-                                      "sub_group_size": ZERO3_BUCKET, "stage3_param_persistence_threshold": 100000,
+                                      "sub_group_size": ZERO3_BUCKET, "stage3_max_live_parameters": ZERO3_BUCKET,
+                                      "stage3_max_reuse_distance": 0,
+                                      "stage3_param_persistence_threshold": 100000,
                                       "contiguous_gradients": True}}
 RESULT = "BENCH_SCALE "  # the line a worker prints its measurements on
 
@@ -194,7 +197,7 @@ def bench(args: argparse.Namespace) -> list[dict]:
         plan = {e.setting.name: e for e in estimate(args.model, latent=args.latent, gpus=args.nproc,
                                                     gpus_per_node=args.nproc, precision="fp32",
                                                     zero_buckets={3: 3 * ZERO3_BUCKET},
-                                                    zero3_sub_group=ZERO3_BUCKET)}[name]
+                                                    zero3_sub_group=ZERO3_BUCKET, zero3_live=ZERO3_BUCKET)}[name]
         rows.append({"strategy": name, "train": train, "resume": resume, "export": export, "ckpt_gb": ckpt_gb,
                      "planned_gb": plan.total(1, True, host=True) / 1e9})
         (out / "results.json").write_text(json.dumps(rows, indent=1))

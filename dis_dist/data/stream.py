@@ -204,13 +204,15 @@ class StreamLoader:
         dataset = ShardStream(self.manifest, self.spec, start_batches=self.batches)
         workers = self.spec.num_workers
         # Its own generator: starting the iterator draws the workers' base seed, which must not
-        # come from (and shift) the global RNG the model's dropout reads. Workers start from a
-        # fork server, not by forking the trainer: a forked worker would keep the pages of the
-        # weights and optimiser states the trainer rewrites every step (copy-on-write), a second
-        # copy of them per worker (DiS-H/2 on 2 CPU ranks was killed for it).
+        # come from (and shift) the global RNG the model's dropout reads. Workers are spawned,
+        # not forked from the trainer: a forked worker keeps the pages of the weights and
+        # optimiser states the trainer rewrites every step (copy-on-write), a second copy of them
+        # per worker (DiS-H/2 on 2 CPU ranks was killed for it). Not from a fork server either:
+        # its workers' parent is the server, which lives as long as they do, so a killed rank's
+        # workers would never see it gone.
         loader = DataLoader(dataset, batch_size=None, num_workers=workers,
                             prefetch_factor=4 if workers else None, persistent_workers=False,
-                            multiprocessing_context="forkserver" if workers else None,
+                            multiprocessing_context="spawn" if workers else None,
                             generator=torch.Generator().manual_seed(mix_seed(self.spec.seed, self.batches)))
         self._iter = iter(loader)
 

@@ -479,7 +479,7 @@ class Trainer:
                         self.step, self.stopped)
         samples_png = None
         if self.step == cfg.train.steps:
-            if sampled_at != self.step:
+            if sampled_at != self.step and cfg.sample.num > 0:
                 grid = self.sample_grid()
                 if grid is not None:
                     logger.image("samples/ema", self.step, grid)
