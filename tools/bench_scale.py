@@ -49,6 +49,15 @@ def peak_rss_gb() -> float:
     raise RuntimeError("no VmHWM in /proc/self/status")
 
 
+def file_rss_gb() -> float:
+    """This process's resident pages backed by files (memory-mapped checkpoints, libraries):
+    counted in VmHWM, yet page cache the kernel can reclaim."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("RssFile:"):
+            return int(line.split()[1]) * 1024 / 1e9
+    raise RuntimeError("no RssFile in /proc/self/status")
+
+
 def reset_peak() -> None:
     Path("/proc/self/clear_refs").write_text("5")
 
@@ -59,6 +68,7 @@ class Phases:
     def __init__(self) -> None:
         self.seconds: dict[str, float] = {}
         self.peak: dict[str, float] = {}
+        self.file: dict[str, float] = {}  # file-backed resident GB at the phase's end
         self._open: tuple[str, float] | None = None
 
     def start(self, name: str, reset: bool = True) -> None:
@@ -72,6 +82,7 @@ class Phases:
             name, t0 = self._open
             self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - t0
             self.peak[name] = max(self.peak.get(name, 0.0), peak_rss_gb())
+            self.file[name] = max(self.file.get(name, 0.0), file_rss_gb())
             self._open = None
 
     def around(self, obj: object, method: str, name: str) -> None:
@@ -120,8 +131,8 @@ def worker(args: argparse.Namespace) -> None:
     result = trainer.fit(resume="auto", stop_at_step=args.stop_at)
     phases.stop()
     steps = [b - a for a, b in zip([init_s, *step_times], step_times)]
-    mine = {"rank": trainer.env.rank, "seconds": phases.seconds, "peak_gb": phases.peak, "step_s": steps,
-            "step": result.step}
+    mine = {"rank": trainer.env.rank, "seconds": phases.seconds, "peak_gb": phases.peak, "file_gb": phases.file,
+            "step_s": steps, "step": result.step}
     everyone = [None] * trainer.env.world_size
     dist.all_gather_object(everyone, mine)
     if trainer.env.is_main:
