@@ -211,6 +211,9 @@ def bench(args: argparse.Namespace) -> list[dict]:
                                                     zero3_sub_group=ZERO3_BUCKET, zero3_live=ZERO3_BUCKET)}[name]
         rows.append({"strategy": name, "train": train, "resume": resume, "export": export, "ckpt_gb": ckpt_gb,
                      "planned_gb": plan.total(1, True, host=True) / 1e9})
+        if not args.keep:  # DiS-H/2 leaves 31 GB a strategy: two checkpoints and the export
+            for written in ("checkpoints", "export"):
+                shutil.rmtree(run_dir / written)
         (out / "results.json").write_text(json.dumps(rows, indent=1))
     return rows
 
@@ -260,6 +263,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--grid-batch", type=int, default=4, help="sample.batch_size for the grid")
     p.add_argument("--sample-steps", default="2", help="sampler steps of the grid")
     p.add_argument("--out", default="runs/bench_scale")
+    p.add_argument("--keep", action="store_true", help="keep the checkpoints and exports (else deleted once measured)")
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--export-worker", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--stop-at", type=int, default=None, help=argparse.SUPPRESS)
