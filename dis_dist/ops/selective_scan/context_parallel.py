@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from dis_dist.ops.selective_scan import selective_scan
+from dis_dist.ops.selective_scan.reference import prepare_delta
 
 
 class _AllGather(torch.autograd.Function):
@@ -84,7 +85,7 @@ def cp_bidirectional_selective_scan(
     in sequence order). Equal to the unsplit scan's outputs on the slice, gradients included."""
     rank, k = dist.get_rank(group), dist.get_world_size(group)
     compute = torch.promote_types(u.dtype, torch.float32)
-    lasts, log_decays, zero_start = [], [], []
+    lasts, log_decays, zero_start, in_scan_order = [], [], [], []
     for direction in (0, 1):
         seq = [t[direction].flip(-1) if direction else t[direction] for t in (u, delta, B, C)]
         seq[0] = seq[0].to(compute)  # the outputs in the compute dtype: rounded once, at the end
@@ -93,9 +94,8 @@ def cp_bidirectional_selective_scan(
             seq[0], seq[1], A[direction], seq[2], seq[3], D=None if D is None else D[direction],
             delta_bias=bias, delta_softplus=delta_softplus, return_last_state=True, backend=backend,
         )
-        step = seq[1].to(compute) + (0 if bias is None else bias.to(compute)[:, None])
-        if delta_softplus:
-            step = F.softplus(step)
+        step = prepare_delta(seq[1].to(compute), None if bias is None else bias.to(compute), delta_softplus)
+        in_scan_order.append(seq[1:])
         zero_start.append(y)
         lasts.append(last.to(compute))
         log_decays.append(A[direction].to(compute) * step.sum(-1)[..., None])  # (b, d, N)
@@ -107,7 +107,7 @@ def cp_bidirectional_selective_scan(
         ordered = gathered[:, direction] if direction == 0 else gathered[:, direction].flip(0)
         position = rank if direction == 0 else k - 1 - rank
         h_in = incoming_states(ordered[:, 0], ordered[:, 1], position)
-        seq = [t[direction].flip(-1) if direction else t[direction] for t in (delta, B, C)]
+        seq = in_scan_order[direction]
         correction = selective_scan(
             torch.zeros_like(seq[0], dtype=compute), seq[0], A[direction], seq[1], seq[2],
             delta_bias=None if delta_bias is None else delta_bias[direction], delta_softplus=delta_softplus,

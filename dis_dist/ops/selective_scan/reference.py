@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 
-def _prepare_delta(delta: Tensor, delta_bias: Tensor | None, delta_softplus: bool) -> Tensor:
+def prepare_delta(delta: Tensor, delta_bias: Tensor | None, delta_softplus: bool) -> Tensor:
     if delta_bias is not None:
         delta = delta + delta_bias[..., None]
     if delta_softplus:
@@ -57,7 +57,7 @@ def selective_scan_ref(
     dtype_in = u.dtype
     compute = torch.promote_types(dtype_in, torch.float32)
     u, delta, A, B, C = (t.to(compute) for t in (u, delta, A, B, C))
-    delta = _prepare_delta(delta, None if delta_bias is None else delta_bias.to(compute), delta_softplus)
+    delta = prepare_delta(delta, None if delta_bias is None else delta_bias.to(compute), delta_softplus)
     batch, dim, _ = u.shape
     h0 = (
         initial_state.to(compute)
@@ -99,7 +99,7 @@ def bidirectional_selective_scan_ref(
     u, delta, B, C = (flip_bwd(t.to(compute)) for t in (u, delta, B, C))
     A = A.to(compute)
     bias = None if delta_bias is None else delta_bias.to(compute)[:, None]  # (2, 1, d)
-    delta = _prepare_delta(delta, bias, delta_softplus)
+    delta = prepare_delta(delta, bias, delta_softplus)
     h0 = u.new_zeros(*u.shape[:3], A.shape[-1])
     y, _ = _recurrence(delta, A[:, None], B, C, u, h0)
     if D is not None:
