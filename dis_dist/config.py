@@ -124,6 +124,8 @@ class DistConfig:
     reshard_after_forward: bool = True  # fsdp: free gathered weights after forward (ZeRO-3-like); false: ZeRO-2-like
     shard_group_size: int = 0  # fsdp: ranks sharing one copy of the model; 0: all (FSDP), k: HSDP (k = GPUs per node)
     cpu_offload: bool = False  # fsdp: sharded parameters, gradients and optimiser states live in CPU memory
+    # ddp/fsdp: consecutive ranks splitting each sample's tokens (world / this hold different samples)
+    context_parallel: int = 1
     zero_stage: int = 2  # deepspeed: ZeRO stage 1, 2 or 3
     deepspeed_config: str = ""  # deepspeed: JSON file merged into the generated config (configs/deepspeed/*.json)
 
@@ -356,6 +358,13 @@ def validate(cfg: RunConfig, world_size: int | None = None) -> None:
             f"dist.shard_group_size={dist.shard_group_size} must be 0 (shard over all ranks) or divide "
             f"the world size {world_size}"
         )
+    cp = dist.context_parallel
+    if cp < 1:
+        raise ConfigError(f"dist.context_parallel must be >= 1, got {cp}")
+    if cp > 1 and dist.strategy not in ("ddp", "fsdp"):
+        raise ConfigError(f"dist.context_parallel={cp} needs dist.strategy 'fsdp' or 'ddp' (got {dist.strategy!r})")
+    if world_size is not None and world_size % cp:
+        raise ConfigError(f"dist.context_parallel={cp} must divide the world size {world_size}")
     if dist.strategy == "single" and (world_size or 1) > 1:
         raise ConfigError(
             f"dist.strategy='single' runs one process, but the job has {world_size} ranks; "
@@ -365,11 +374,12 @@ def validate(cfg: RunConfig, world_size: int | None = None) -> None:
         raise ConfigError(f"checkpoint.async_save needs dist.strategy='fsdp' (got {dist.strategy!r})")
     if dist.deepspeed_config and not Path(dist.deepspeed_config).is_file():
         raise ConfigError(f"dist.deepspeed_config: {dist.deepspeed_config!r} does not exist")
-    per_step = cfg.train.micro_batch * (world_size or 1)  # ranks unknown: the micro-batch at least
+    data_parallel = (world_size or cp) // cp  # ranks unknown: the micro-batch at least
+    per_step = cfg.train.micro_batch * data_parallel
     if cfg.train.global_batch % per_step:
         raise ConfigError(
-            f"train.global_batch={cfg.train.global_batch} is not divisible by "
-            f"train.micro_batch x world size = {cfg.train.micro_batch} x {world_size or 1}; "
+            f"train.global_batch={cfg.train.global_batch} is not divisible by train.micro_batch x "
+            f"data-parallel ranks (world size / dist.context_parallel) = {cfg.train.micro_batch} x {data_parallel}; "
             f"pick a global batch that is a multiple of {per_step}"
         )
     if cfg.sample.num <= 0 and cfg.sample.every > 0:
@@ -381,5 +391,6 @@ def validate(cfg: RunConfig, world_size: int | None = None) -> None:
 
 
 def grad_accumulation(cfg: RunConfig, world_size: int) -> int:
-    """Micro-batches per optimiser step on each rank."""
-    return cfg.train.global_batch // (cfg.train.micro_batch * world_size)
+    """Micro-batches per optimiser step on each rank (the ranks of a context-parallel group
+    share theirs)."""
+    return cfg.train.global_batch // (cfg.train.micro_batch * (world_size // cfg.dist.context_parallel))

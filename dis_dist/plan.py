@@ -21,8 +21,13 @@ the GPUs of a node (S = GPUs per node).
 Activations per sample are ``ACT_BYTES * tokens * width`` per block, a coefficient measured from
 this implementation's autograd graph (tests/test_plan.py re-measures it on small models); with
 activation checkpointing each block keeps only ``ACT_CKPT_BYTES * tokens * width`` and one block
-is recomputed at a time. A fixed reserve covers the CUDA context, communication buffers and
-allocator fragmentation.
+is recomputed at a time. Context parallelism (``dist.context_parallel=k``) splits each sample's
+tokens over k GPUs: a GPU keeps the activations of ``ceil(tokens / k)`` tokens, the inputs of its
+recomputed log-decays and corrections (``ACT_BYTES_CP_EXTRA``), and per block the gathered scan
+states and conv halo of the k slices (``cp_buffer_bytes``; recomputed, one block at a time, under
+checkpointing). Model states are sharded as
+without it (FSDP over all GPUs); DeepSpeed does not support it. A fixed reserve covers the CUDA
+context, communication buffers and allocator fragmentation.
 """
 
 from __future__ import annotations
@@ -49,6 +54,11 @@ ACT_CKPT_BYTES = {"bf16": 8.0, "fp32": 8.5}  # a checkpointed block's inputs and
 # working set (the scan's) dominates, the long skips add little (measured: tests/test_plan.py).
 # bf16 autocast also caches a bf16 copy of the weights for the forward: 2 bytes per parameter.
 INFER_BYTES = {"bf16": 180.0, "fp32": 256.0}
+# Context parallelism: what a rank's mixer keeps beyond the unsplit one's per (token x width) per
+# block, the scan steps its log-decays and corrections recompute from (measured: tests/test_plan.py).
+ACT_BYTES_CP_EXTRA = {"bf16": 10.0, "fp32": 18.0}
+CP_COMM = 0.03  # relative step time per extra GPU in a context-parallel group (heuristic)
+D_STATE, D_CONV, EXPAND = 16, 4, 2  # the Mamba mixer's defaults (dis_dist/models/dis.py)
 RESERVE_GB = 2.0  # CUDA context, NCCL buffers, workspace
 FRAGMENTATION = 1.10  # allocator slack over the sum of live tensors
 # CPU ranks (--cpu): a process's own resident memory (Python, torch, gloo, the data loader) and
@@ -99,6 +109,7 @@ class Estimate:
     act_per_sample: float
     act_per_sample_ckpt: float
     act_block: float  # one block's activations per sample (recomputed under checkpointing)
+    context_parallel: int = 1  # GPUs sharing each sample's tokens (act_* are per GPU)
 
     @property
     def states(self) -> float:
@@ -113,13 +124,25 @@ class Estimate:
         return live * FRAGMENTATION + RESERVE_GB * GB
 
 
+def cp_buffer_bytes(width: int, k: int) -> float:
+    """Per block and sample, what a rank of a context-parallel group of k keeps of the exchanges:
+    (state, log-decay) of both directions gathered from the k slices, and the incoming states
+    composed from them (counted as much again), and the conv halos (fp32)."""
+    d_inner = EXPAND * width
+    return 2 * k * 2 * 2 * d_inner * D_STATE * 4 + k * 2 * d_inner * (D_CONV - 1) * 4
+
+
 def estimate(
     model: str, *, latent: int, channels: int = 4, num_classes: int = 1000, gpus: int,
     gpus_per_node: int = 8, precision: str = "bf16", zero_buckets: dict[int, float] | None = None,
-    zero3_sub_group: float = ZERO3_SUB_GROUP, zero3_live: float = ZERO3_LIVE,
+    zero3_sub_group: float = ZERO3_SUB_GROUP, zero3_live: float = ZERO3_LIVE, context_parallel: int = 1,
 ) -> list[Estimate]:
     """Per-GPU memory of every setting in SETTINGS for ``model`` on ``latent`` x ``latent`` inputs
-    (``zero_buckets``, ``zero3_sub_group``, ``zero3_live``: DeepSpeed's settings, when not this module's)."""
+    (``zero_buckets``, ``zero3_sub_group``, ``zero3_live``: DeepSpeed's settings, when not this module's),
+    each sample's tokens split over ``context_parallel`` GPUs (DeepSpeed's settings left out when > 1)."""
+    k = context_parallel
+    if k < 1:
+        raise ConfigError(f"context parallelism must be at least 1, got {k}")
     zero_buckets = {**ZERO_BUCKETS, **(zero_buckets or {})}
     size, patch = parse_model_name(model)
     params = count_parameters(model, input_size=latent, in_channels=channels, num_classes=num_classes)
@@ -127,11 +150,16 @@ def estimate(
     blocks = size.depth + 1
     block_params = params / blocks  # the gathered unit of FSDP and ZeRO-3 (embeddings are small)
     lp = 2 if precision == "bf16" else 4
-    act_block = ACT_BYTES[precision] * tokens * size.width
+    local = -(-tokens // k)  # this GPU's slice of each sample's tokens
+    act_block = ACT_BYTES[precision] * local * size.width
+    if k > 1:
+        act_block += ACT_BYTES_CP_EXTRA[precision] * local * size.width + cp_buffer_bytes(size.width, k)
     act = act_block * blocks
-    act_ckpt = ACT_CKPT_BYTES[precision] * tokens * size.width * blocks
+    act_ckpt = ACT_CKPT_BYTES[precision] * local * size.width * blocks
     out = []
     for s in SETTINGS:
+        if k > 1 and s.strategy == "deepspeed":
+            continue
         shards = min(gpus, gpus_per_node) if s.name == "hsdp" else gpus
         P = params
         if s.name == "ddp":
@@ -150,7 +178,7 @@ def estimate(
             tr = zero_buckets[stage] * lp
             if stage == 3:  # two gathered blocks and the live ones, AdamW's temporaries of a sub-group
                 tr += lp * (2 * block_params + min(zero3_live, P)) + 2 * 4 * min(zero3_sub_group, P / shards)
-        out.append(Estimate(s, w, g, o, e, tr, act, act_ckpt, act_block))
+        out.append(Estimate(s, w, g, o, e, tr, act, act_ckpt, act_block, k))
     return out
 
 
@@ -253,68 +281,101 @@ class Choice:
 def choices(estimates: list[Estimate], per_gpu_batch: int, gpu_mem_gb: float, host: bool = False) -> list[Choice]:
     """For each setting and checkpointing on/off, the largest micro-batch (a divisor of the
     per-GPU batch) that fits, ranked by a step-time heuristic: checkpointing costs a third more
-    compute, micro-batches under 8 use a GPU poorly, and sharding costs communication
-    (Setting.comm_factor)."""
+    compute, micro-batches under 8 samples' worth of tokens per GPU use a GPU poorly (a GPU of a
+    context-parallel group of k holds 1/k of each sample's tokens), and sharding and context
+    parallelism cost communication (Setting.comm_factor, CP_COMM)."""
     found = []
     divisors = [d for d in range(per_gpu_batch, 0, -1) if per_gpu_batch % d == 0]
     for est in estimates:
+        k = est.context_parallel
+        comm = est.setting.comm_factor * (1 + CP_COMM * (k - 1))
         for ckpt in (False, True):
             for m in divisors:
                 mem = est.total(m, ckpt, host)
                 if mem <= gpu_mem_gb * GB:
-                    score = (4 / 3 if ckpt else 1.0) * est.setting.comm_factor * (1 + max(0, 8 - m) * 0.04)
+                    score = (4 / 3 if ckpt else 1.0) * comm * (1 + max(0, 8 - m / k) * 0.04)
                     found.append(Choice(est, m, per_gpu_batch // m, ckpt, mem, score))
                     break
     return sorted(found, key=lambda c: (c.score, c.memory))
 
 
 def table(model: str, resolution: int, gpus: int, gpu_mem: float, global_batch: int,
-          gpus_per_node: int = 8, precision: str = "bf16", num_classes: int = 1000, host: bool = False) -> str:
-    """The planner's report as text: a row per setting, then the recommendation."""
+          gpus_per_node: int = 8, precision: str = "bf16", num_classes: int = 1000, host: bool = False,
+          context_parallel: int = 1) -> str:
+    """The planner's report as text: a row per setting, then the recommendation. With
+    ``context_parallel`` 0, a table for each k of 1, 2, 4, 8 that fits a node and divides the GPUs,
+    and the recommendation across them."""
     if resolution % 8:
         raise ConfigError(f"--resolution {resolution} is not a multiple of the VAE's factor 8")
-    if global_batch % gpus:
-        raise ConfigError(f"--global-batch {global_batch} is not divisible by --gpus {gpus}")
+    if context_parallel < 0:
+        raise ConfigError(f"--context-parallel {context_parallel} is negative (0: let the planner choose)")
+    if context_parallel:
+        ks = [context_parallel]
+    else:
+        ks = [k for k in (1, 2, 4, 8) if k <= gpus_per_node and gpus % k == 0 and global_batch % (gpus // k) == 0]
+        ks = ks or [1]  # none: report k = 1's error
+    for k in ks:
+        if gpus % k:
+            raise ConfigError(f"--gpus {gpus} is not divisible by --context-parallel {k}")
+        if global_batch % (gpus // k):
+            raise ConfigError(f"--global-batch {global_batch} is not divisible by --gpus {gpus}"
+                              + (f" / --context-parallel {k} = {gpus // k}" if k > 1 else ""))
     latent = resolution // 8
-    per_gpu = global_batch // gpus
-    ests = estimate(model, latent=latent, num_classes=num_classes, gpus=gpus,
-                    gpus_per_node=gpus_per_node, precision=precision)
     params = count_parameters(model, input_size=latent, in_channels=4, num_classes=num_classes)
-    ranked = choices(ests, per_gpu, gpu_mem, host)
-    best = {(c.estimate.setting.name, c.checkpointing): c for c in reversed(ranked)}
-    lines = [
-        f"{model} ({params / 1e6:.0f}M parameters) at {resolution} px ({latent}x{latent}x4 latents), "
-        f"{precision}, {gpus} {'CPU ranks' if host else 'GPUs'} x {gpu_mem:g} GB, global batch {global_batch} "
-        f"({per_gpu} per {'rank' if host else 'GPU'})",
-        "",
-        f"{'setting':<11} {'weights':>8} {'grads':>7} {'optim':>7} {'EMA':>6} {'buffers':>8} "
-        f"{'act/img':>8} {'act/img ckpt':>12} {'micro (no ckpt)':>16} {'micro (ckpt)':>13}",
-        "-" * 104,
-    ]
+    tokens = (latent // parse_model_name(model)[1]) ** 2 + (2 if num_classes else 1)
+    unit = "rank" if host else "GPU"
 
-    def fit(name: str, ckpt: bool) -> str:
-        c = best.get((name, ckpt))
+    def fit(c: Choice | None) -> str:
         return f"{c.micro_batch} ({c.memory / GB:.1f} GB)" if c else "does not fit"
 
-    for e in ests:
-        n = e.setting.name
-        lines.append(
-            f"{n:<11} {e.weights / GB:>8.2f} {e.grads / GB:>7.2f} {e.optimizer / GB:>7.2f} {e.ema / GB:>6.2f} "
-            f"{e.transient / GB:>8.2f} {e.act_per_sample / GB:>8.2f} "
-            f"{(e.act_per_sample_ckpt + e.act_block) / GB:>12.3f} {fit(n, False):>16} {fit(n, True):>13}"
-        )
-    lines.append("(GB per GPU; micro: the largest micro-batch dividing the per-GPU batch that fits, "
-                 "and the estimated peak)")
+    lines: list[str] = []
+    ranked: list[Choice] = []
+    for k in ks:
+        per_gpu = global_batch // (gpus // k)
+        ests = estimate(model, latent=latent, num_classes=num_classes, gpus=gpus,
+                        gpus_per_node=gpus_per_node, precision=precision, context_parallel=k)
+        found = choices(ests, per_gpu, gpu_mem, host)
+        ranked += found
+        best = {(c.estimate.setting.name, c.checkpointing): c for c in reversed(found)}
+        cp = f", context parallel {k} ({-(-tokens // k)} of {tokens} tokens per {unit})" if k > 1 else ""
+        lines += [
+            *([""] if lines else []),
+            f"{model} ({params / 1e6:.0f}M parameters) at {resolution} px ({latent}x{latent}x4 latents), "
+            f"{precision}, {gpus} {'CPU ranks' if host else 'GPUs'} x {gpu_mem:g} GB, global batch {global_batch} "
+            f"({per_gpu} per {unit}){cp}",
+            "",
+            f"{'setting':<11} {'weights':>8} {'grads':>7} {'optim':>7} {'EMA':>6} {'buffers':>8} "
+            f"{'act/img':>8} {'act/img ckpt':>12} {'micro (no ckpt)':>16} {'micro (ckpt)':>13}",
+            "-" * 104,
+        ]
+        for e in ests:
+            n = e.setting.name
+            lines.append(
+                f"{n:<11} {e.weights / GB:>8.2f} {e.grads / GB:>7.2f} {e.optimizer / GB:>7.2f} {e.ema / GB:>6.2f} "
+                f"{e.transient / GB:>8.2f} {e.act_per_sample / GB:>8.2f} "
+                f"{(e.act_per_sample_ckpt + e.act_block) / GB:>12.3f} {fit(best.get((n, False))):>16} "
+                f"{fit(best.get((n, True))):>13}"
+            )
+        lines.append("(GB per GPU; micro: the largest micro-batch dividing the per-GPU batch that fits, "
+                     "and the estimated peak)")
+        if k > 1:
+            lines += [f"(act/img: a GPU's 1/{k} of each sample's tokens, with the context-parallel buffers)",
+                      "(zero1, zero2, zero3 left out: DeepSpeed has no context parallelism)"]
     if not ranked:
-        lines.append(f"\nnothing fits in {gpu_mem:g} GB with a micro-batch of 1: use more GPUs")
+        lines.append(f"\nnothing fits in {gpu_mem:g} GB with a micro-batch of 1: use more GPUs"
+                     + ("" if context_parallel == 1 else " or more context parallelism"))
         return "\n".join(lines)
-    c = ranked[0]
+    c = min(ranked, key=lambda c: (c.score, c.memory))
+    k = c.estimate.context_parallel
     keys = [f"dist.strategy={c.estimate.setting.strategy}", *c.estimate.setting.overrides,
+            *([f"dist.context_parallel={k}"] if k > 1 else []),
             f"train.micro_batch={c.micro_batch}", f"train.activation_checkpointing={int(c.checkpointing)}"]
-    keys = [k.replace("<gpus per node>", str(min(gpus, gpus_per_node))) for k in keys]
-    lines += ["", f"recommended: {c.estimate.setting.name}, micro-batch {c.micro_batch} x "
-              f"{c.accumulation} accumulation, activation checkpointing {'on' if c.checkpointing else 'off'}, "
-              f"about {c.memory / GB:.1f} GB per GPU", "  " + " ".join(keys)]
+    keys = [key.replace("<gpus per node>", str(min(gpus, gpus_per_node))) for key in keys]
+    over = f" (over context parallel {', '.join(map(str, ks))})" if len(ks) > 1 else ""
+    lines += ["", f"recommended{over}: {c.estimate.setting.name}"
+              + (f", context parallel {k}" if k > 1 else "")
+              + f", micro-batch {c.micro_batch} x {c.accumulation} accumulation, activation checkpointing "
+              f"{'on' if c.checkpointing else 'off'}, about {c.memory / GB:.1f} GB per GPU", "  " + " ".join(keys)]
     return "\n".join(lines)
 
 
@@ -333,9 +394,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--cpu", action="store_true",
                    help="CPU ranks: --gpus counts processes, --gpu-mem is the memory each may use, and the "
                         "estimate is resident memory (a process baseline instead of the CUDA reserve)")
+    p.add_argument("--context-parallel", type=int, default=1, metavar="K",
+                   help="tokens of each sample split over K GPUs (dist.context_parallel); 0: let the planner "
+                        "choose among 1, 2, 4, 8 (at most --gpus-per-node, dividing --gpus)")
     args = p.parse_args(argv)
     print(table(args.model, args.resolution, args.gpus, args.gpu_mem, args.global_batch,
-                args.gpus_per_node, args.precision, args.num_classes, args.cpu))
+                args.gpus_per_node, args.precision, args.num_classes, args.cpu, args.context_parallel))
     return 0
 
 

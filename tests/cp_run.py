@@ -3,10 +3,14 @@ conv halo against the unsplit computation, outputs and every gradient.
 
     torchrun --nproc_per_node=K tests/cp_run.py SPEC.json
 
-SPEC: ``{"cases": [{"length", "d_inner", "d_state", "batch", "dtype", "backend"}...], "out"}``.
-Every rank builds the same full inputs (seeded), runs the unsplit scan, then its own slice
-(uneven when K does not divide the length); rank 0 writes each case's largest relative error
-(max |a - b| / max |b| over the outputs and each gradient) to ``out``.
+SPEC: ``{"cases": [...], "out"}``, each case either a mixer case
+``{"length", "d_inner", "d_state", "batch", "dtype", "backend"}``: every rank builds the same full
+inputs (seeded), runs the unsplit conv + scan, then its own slice (uneven when K does not divide
+the length); or a model case ``{"model": {"width", "depth", "input_size"}, "batch", "dtype",
+"backend", "checkpointing", "splits"}`` (and optionally "device"): a DiS (patch 2, class-conditional, drop path and label
+dropout on) whole on rank 0 against the same DiS with its token sequence split over the first k
+ranks, for each k of ``splits``. Rank 0 writes each case's largest relative error (max |a - b| /
+max |b| over the outputs and each gradient; for a model case, {k: error}) to ``out``.
 """
 
 from __future__ import annotations
@@ -18,16 +22,11 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+from dis_dist.models.dis import DiS
 from dis_dist.ops.selective_scan import bidirectional_selective_scan
-from dis_dist.ops.selective_scan.context_parallel import cp_bidirectional_selective_scan, halo_exchange
+from dis_dist.ops.selective_scan.context_parallel import cp_bidirectional_selective_scan, halo_exchange, slice_bounds
 
 D_CONV = 4
-
-
-def slice_bounds(length: int, k: int, rank: int) -> tuple[int, int]:
-    base, extra = divmod(length, k)
-    start = rank * base + min(rank, extra)
-    return start, start + base + (rank < extra)
 
 
 def inputs(case: dict) -> dict[str, torch.Tensor]:
@@ -105,14 +104,63 @@ def run_case(case: dict) -> float:
     return max(float((a - b).abs().max() / b.abs().max()) for a, b in pairs)
 
 
+def run_model_case(case: dict) -> dict[int, float]:
+    """The whole model's output (every rank returns it) and every parameter's gradient (each
+    rank's part, summed) with the sequence split over the first k ranks for each k of
+    ``case["splits"]``, against the unsplit model on rank 0 (computed once), for the loss
+    <probe, output>: {k: max relative error}."""
+    dtype, device = getattr(torch, case["dtype"]), torch.device(case.get("device", "cpu"))
+    shape = case["model"]
+    model = DiS(input_size=shape["input_size"], patch_size=2, in_channels=4, width=shape["width"],
+                depth=shape["depth"], num_classes=10, scan_backend=case["backend"], seed=3).to(device, dtype)
+    with torch.no_grad():  # DiT's zero-initialised final layer would hide every block's gradient
+        for p in model.final_layer.parameters():
+            p.copy_(torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())) * 0.02)
+    g = torch.Generator().manual_seed(shape["input_size"])
+    b, size = case["batch"], shape["input_size"]
+    x = torch.randn(b, 4, size, size, generator=g, dtype=torch.float64).to(device, dtype)
+    t = torch.randint(0, 1000, (b,), generator=g).to(device)
+    y = torch.randint(0, 11, (b,), generator=g).to(device)
+    probe = torch.randn(b, 8, size, size, generator=g, dtype=torch.float64).to(device, dtype)
+
+    def loss_and_grads(m: DiS) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        torch.manual_seed(11)  # label dropout and drop path draw alike in both runs
+        m.zero_grad()
+        out = m(x, t, y)
+        (out * probe).sum().backward()
+        return out.detach(), [p.grad for p in m.parameters()]
+
+    if case["checkpointing"]:
+        model.set_activation_checkpointing(1)
+    split = {}  # k -> (output, summed gradients) of the first k ranks splitting the sequence
+    for k in case["splits"]:
+        group = dist.new_group(list(range(k)))  # collective: every rank creates every group
+        if dist.get_rank() < k:
+            model.set_context_parallel(group)
+            out, grads = loss_and_grads(model)
+            for grad in grads:
+                dist.all_reduce(grad, group=group)
+            split[k] = out, grads
+    errors = {}
+    if dist.get_rank() == 0:
+        model.set_context_parallel(None)
+        model.set_activation_checkpointing(0)
+        out_full, grads_full = loss_and_grads(model)
+        for k, (out, grads) in split.items():
+            pairs = [(out, out_full), *zip(grads, grads_full)]
+            errors[k] = max(float((a - b).abs().max() / b.abs().max()) for a, b in pairs)
+    return errors
+
+
 def main() -> None:
     spec = json.loads(open(sys.argv[1]).read())
     dist.init_process_group("gloo")
     torch.manual_seed(0)
-    errors = [run_case(case) for case in spec["cases"]]
+    errors = [run_model_case(case) if "model" in case else run_case(case) for case in spec["cases"]]
     if dist.get_rank() == 0:
         with open(spec["out"], "w") as f:
             json.dump(errors, f)
+    dist.barrier()  # rank 0 alone runs the unsplit models: no rank leaves the group before it is done
     dist.destroy_process_group()
 
 

@@ -81,7 +81,7 @@ def test_config_errors_name_the_key(overrides, pattern):
 def test_world_size_divisibility():
     cfg = load_config(None, ["train.global_batch=32", "train.micro_batch=8", "dist.strategy=ddp"])
     validate(cfg, world_size=4)
-    with pytest.raises(ConfigError, match="micro_batch x world size = 8 x 3"):
+    with pytest.raises(ConfigError, match=r"data-parallel ranks \(world size / dist.context_parallel\) = 8 x 3"):
         validate(cfg, world_size=3)
 
 
@@ -94,6 +94,10 @@ def test_world_size_divisibility():
     (["train.activation_checkpointing=-1"], 1, "train.activation_checkpointing must be >= 0"),
     (["dist.strategy=horovod"], 1, "choose one of: single, ddp, fsdp, deepspeed"),
     (["checkpoint.async_save=true", "dist.strategy=ddp"], 1, "checkpoint.async_save needs dist.strategy='fsdp'"),
+    (["dist.strategy=fsdp", "dist.context_parallel=0"], 2, "dist.context_parallel must be >= 1"),
+    (["dist.strategy=deepspeed", "dist.context_parallel=2"], 2, "needs dist.strategy 'fsdp' or 'ddp'"),
+    (["dist.strategy=fsdp", "dist.context_parallel=3"], 4, "dist.context_parallel=3 must divide the world size 4"),
+    (["dist.strategy=fsdp", "dist.context_parallel=2"], 4, r"= 256 x 2"),
 ])
 def test_distributed_settings_are_checked(overrides, world_size, message):
     with pytest.raises(ConfigError, match=message):

@@ -1,5 +1,6 @@
-"""Context parallelism: the bidirectional scan and the conv halo with each sequence split over
-2 and 4 gloo ranks equal the unsplit computation, outputs and every gradient (tests/cp_run.py)."""
+"""Context parallelism: the bidirectional scan and the conv halo, then whole DiS models, with each
+sequence split over 2 and 4 gloo ranks equal the unsplit computation, outputs and every gradient
+(tests/cp_run.py). Training and resuming with it: tests/test_distributed.py."""
 
 from __future__ import annotations
 
@@ -43,3 +44,44 @@ def test_split_scan_equals_the_unsplit_one(tmp_path: Path, nproc: int) -> None:
     tolerance = {"float64": 1e-10, "float32": 1e-5}
     for case, error in zip(cases, errors):
         assert error < tolerance[case["dtype"]], (case, error)
+
+
+TOLERANCE = {"float64": 1e-10, "float32": 1e-5}
+# (width, depth): DiS-T, and DiS-S's width at depth 4; input sizes 32, 64 and 128 latents at patch
+# 2 are L = 258, 1026 and 4098 tokens (2 prefix tokens): uneven over 4 ranks.
+TINY, SMALL = (128, 4), (368, 4)
+LENGTH_TO_INPUT = {258: 32, 1026: 64, 4098: 128}
+
+
+def _model_case(shape: tuple[int, int], length: int, dtype: str, backend: str, checkpointing: bool = False) -> dict:
+    width, depth = shape
+    return {"model": {"width": width, "depth": depth, "input_size": LENGTH_TO_INPUT[length]},
+            "batch": 2 if length < 4098 else 1, "dtype": dtype, "backend": backend, "checkpointing": checkpointing,
+            "splits": [2, 4]}
+
+
+def _check(tmp_path: Path, cases: list[dict]) -> None:
+    """Each case split over 2 and over 4 of 4 ranks, against one unsplit run."""
+    for case, errors in zip(cases, _run(tmp_path, 4, cases)):
+        for k, error in errors.items():
+            print(f"{k} ranks {case}: max relative error {error:.2e}")
+            assert error < TOLERANCE[case["dtype"]], (k, case, error)
+        assert sorted(map(int, errors)) == case["splits"]
+
+
+def test_split_model_equals_the_unsplit_one(tmp_path: Path) -> None:
+    """DiS-T at L = 258 (label dropout and drop path on), with activation checkpointing too."""
+    _check(tmp_path, [_model_case(TINY, 258, "float64", "reference"),
+                      _model_case(TINY, 258, "float32", "reference", checkpointing=True)])
+
+
+@pytest.mark.slow
+def test_split_long_sequences_equal_the_unsplit_model(tmp_path: Path) -> None:
+    """DiS-T and DiS-S-shaped models at L = 1026 and 4098 (and DiS-S at 258), fp64 and fp32."""
+    _check(tmp_path, [
+        _model_case(SMALL, 258, "float32", "chunked"),
+        _model_case(TINY, 1026, "float64", "chunked"), _model_case(SMALL, 1026, "float32", "chunked"),
+        _model_case(SMALL, 1026, "float64", "chunked", checkpointing=True),
+        _model_case(TINY, 4098, "float32", "chunked", checkpointing=True),
+        _model_case(SMALL, 4098, "float64", "chunked"),
+    ])

@@ -41,7 +41,12 @@ STRATEGIES = {
     "zero1": ["dist.strategy=deepspeed", "dist.zero_stage=1"],
     "zero2": ["dist.strategy=deepspeed", "dist.zero_stage=2"],
     "zero3": ["dist.strategy=deepspeed", "dist.zero_stage=3"],
+    # Each sample's 18 tokens split over the 2 ranks (one data-parallel rank).
+    "fsdp_cp2": ["dist.strategy=fsdp", "dist.context_parallel=2"],
+    "ddp_cp2": ["dist.strategy=ddp", "dist.context_parallel=2"],
 }
+# 4-rank runs compared with single-process training: FSDP over a 2 (dp) x 2 (cp) mesh.
+WORLD4 = {"fsdp_cp2_world4": STRATEGIES["fsdp_cp2"]}
 # Variants compared with their base strategy rather than with single-process training.
 VARIANTS = {
     "fsdp_ckpt": STRATEGIES["fsdp"] + ["train.activation_checkpointing=1"],
@@ -57,7 +62,7 @@ pytestmark = pytest.mark.slow
 
 # Exact resume is checked on the shard stream with each number of DataLoader workers.
 STREAM_WORKERS = {"ddp": (0, 2), "fsdp": (0, 2), "fsdp_zero2": (2,), "fsdp_async": (2,), "zero1": (0, 2),
-                  "zero2": (0, 2), "zero3": (0, 2)}
+                  "zero2": (0, 2), "zero3": (0, 2), "fsdp_cp2": (2,)}
 PLANTED = ("fsdp", "zero2")
 
 
@@ -140,7 +145,9 @@ def runs(tmp_path_factory: pytest.TempPathFactory, fmnist_root: Path, classifier
         torchrun(tmp, [{"overrides": overrides(tmp / name, fmnist_root, classifier, *extra, "eval.every=0",
                                                "train.micro_batch=2"),
                         "init_only": True, "out": str(tmp / f"{name}.pt")}
-                       for name, extra in init.items() if name.endswith(f"world{nproc}")], nproc=nproc)
+                       for name, extra in init.items() if name.endswith(f"world{nproc}")]
+                 + [{"overrides": overrides(tmp / name, fmnist_root, classifier, *extra),
+                     "out": str(tmp / f"{name}.pt")} for name, extra in WORLD4.items() if nproc == 4], nproc=nproc)
 
     out = {p.stem: torch.load(p, weights_only=False) for p in tmp.glob("*.pt")}
     single = Trainer(load_config(None, overrides(tmp / "single", fmnist_root, classifier)))
@@ -154,7 +161,7 @@ def runs(tmp_path_factory: pytest.TempPathFactory, fmnist_root: Path, classifier
     return out
 
 
-@pytest.mark.parametrize("strategy", list(STRATEGIES))
+@pytest.mark.parametrize("strategy", [*STRATEGIES, *WORLD4])
 def test_strategy_matches_single_process(runs: dict, strategy: str) -> None:
     got, ref = runs[strategy], runs["single"]
     assert got["step"] == ref["step"] == STEPS
@@ -167,7 +174,7 @@ def test_strategy_matches_single_process(runs: dict, strategy: str) -> None:
     assert rel_error(got["model"], {k: v for k, v in init.state_dict().items()}) > 1e-3
 
 
-@pytest.mark.parametrize("strategy", list(STRATEGIES))
+@pytest.mark.parametrize("strategy", [*STRATEGIES, *WORLD4])
 def test_evaluation_matches_single_process(runs: dict, strategy: str) -> None:
     """Two ranks draw half the evaluation samples each (from every strategy's EMA, broadcast
     where it is sharded); rank 0 scores all of them: the single process's metrics."""

@@ -5,14 +5,17 @@ per-rank storage of real 2-rank runs in tests/test_distributed.py.)"""
 from __future__ import annotations
 
 import pytest
+import torch.distributed as dist
 
 from dis_dist.errors import ConfigError
 from dis_dist.models import build_model
 from dis_dist.plan import (
     ACT_BYTES,
+    ACT_BYTES_CP_EXTRA,
     ACT_CKPT_BYTES,
     GB,
     choices,
+    cp_buffer_bytes,
     estimate,
     inference_bytes_per_image,
     main,
@@ -35,6 +38,29 @@ def test_activation_model_matches_measured_graph(name, latent, precision):
     model.set_activation_checkpointing(1)
     measured = saved_activation_bytes(model, batch=1, precision=precision)
     assert measured == pytest.approx(ACT_CKPT_BYTES[precision] * tokens * model.width * blocks, rel=tolerance)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("latent", [32, 64])
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_context_parallel_extra_matches_measured_graph(tmp_path, latent, precision):
+    """What a context-parallel rank's mixer keeps beyond the unsplit one's (the steps its log-decays
+    and corrections recompute from, the exchanged states): ACT_BYTES_CP_EXTRA and cp_buffer_bytes,
+    measured in a group of one rank, whose slice is the whole sequence."""
+    model = build_model("DiS-S/2", input_size=latent, in_channels=4, num_classes=1000, drop_path_rate=0.0)
+    tokens, blocks = model.num_patches + 2, model.depth + 1
+    plain = saved_activation_bytes(model, batch=1, precision=precision)
+    started = not dist.is_initialized()
+    if started:
+        dist.init_process_group("gloo", store=dist.FileStore(str(tmp_path / "store"), 1), rank=0, world_size=1)
+    try:
+        model.set_context_parallel(dist.new_group([0]))
+        split = saved_activation_bytes(model, batch=1, precision=precision)
+    finally:
+        if started:
+            dist.destroy_process_group()
+    expected = (ACT_BYTES_CP_EXTRA[precision] * tokens * model.width + cp_buffer_bytes(model.width, 1)) * blocks
+    assert split - plain == pytest.approx(expected, rel=0.2)
 
 
 def test_sharding_arithmetic():
@@ -72,6 +98,53 @@ def test_table_and_cli(capsys):
     with pytest.raises(ConfigError, match="not divisible by --gpus"):
         table("DiS-H/2", 256, 64, 80, 1000)
     assert main(["--resolution", "250"]) == 2
+
+
+def test_context_parallel_activations_and_states():
+    """DiS-H/2 at 1024 px (4098 tokens): a GPU of a context-parallel group of k keeps about 1/k of a
+    sample's activations, plus the correction scan's and, per block, the gathered scan states and
+    conv halo; model states are those without it."""
+    by_k = {k: {e.setting.name: e for e in estimate("DiS-H/2", latent=128, gpus=64, context_parallel=k)}
+            for k in (1, 2, 4, 8)}
+    one = by_k[1]["fsdp"]
+    d_inner, blocks = 2 * 1536, 49
+    for k in (2, 4, 8):
+        est = by_k[k]["fsdp"]
+        local = -(-4098 // k)
+        buffers = 2 * k * 2 * 2 * d_inner * 16 * 4 + k * 2 * d_inner * 3 * 4
+        assert cp_buffer_bytes(1536, k) == buffers
+        assert est.act_block == pytest.approx((ACT_BYTES["bf16"] + ACT_BYTES_CP_EXTRA["bf16"]) * local * 1536 + buffers)
+        assert est.act_per_sample == pytest.approx(blocks * est.act_block)
+        assert 1.0 < est.act_per_sample * k / one.act_per_sample < 1.2
+        assert est.act_per_sample_ckpt * k / one.act_per_sample_ckpt == pytest.approx(1.0, abs=0.01)
+        assert est.states == one.states and est.transient == one.transient  # sharded over all 64 GPUs
+        assert not {"zero1", "zero2", "zero3"} & set(by_k[k])  # DeepSpeed has no context parallelism
+    assert set(by_k[1]) >= {"zero1", "zero2", "zero3"}
+
+
+def test_context_parallel_recommendation_and_cli(capsys):
+    """DiS-H/2 at 1024 px on 64 GPUs, global batch 256: without context parallelism a micro-batch of
+    one fits 80 GB without checkpointing (the per-GPU batch of 4 does not), so the planner keeps
+    k = 1; on 40 GB only checkpointing or context parallelism fits, and k = 2 wins."""
+    per_gpu = {k: 256 // (64 // k) for k in (1, 4)}
+    fits = {k: {(c.estimate.setting.name, c.checkpointing): c.micro_batch for c in reversed(
+        choices(estimate("DiS-H/2", latent=128, gpus=64, context_parallel=k), per_gpu[k], 80))} for k in (1, 4)}
+    assert fits[1][("fsdp", False)] == 1 and fits[4][("fsdp", False)] == 4
+    assert main(["--resolution", "1024", "--gpus", "64", "--global-batch", "256", "--context-parallel", "4"]) == 0
+    out = capsys.readouterr().out
+    assert "(16 per GPU), context parallel 4 (1025 of 4098 tokens per GPU)" in out
+    assert "dist.context_parallel=4" in out and "zero_stage" not in out and "\nzero2 " not in out
+    auto = table("DiS-H/2", 1024, 64, 80, 256, context_parallel=0)
+    assert auto.count("-" * 104) == 4 and "recommended (over context parallel 1, 2, 4, 8)" in auto
+    assert "dist.context_parallel" not in auto.split("recommended")[1]
+    auto = table("DiS-H/2", 1024, 64, 40, 256, context_parallel=0)
+    assert "dist.strategy=fsdp" in auto and "dist.context_parallel=2" in auto.split("recommended")[1]
+    with pytest.raises(ConfigError, match="--gpus 64 is not divisible by --context-parallel 3"):
+        table("DiS-H/2", 1024, 64, 80, 256, context_parallel=3)
+    assert main(["--gpus", "64", "--context-parallel", "3"]) == 2
+    assert "error: --gpus 64 is not divisible by --context-parallel 3" in capsys.readouterr().err
+    with pytest.raises(ConfigError, match="not divisible by --gpus 64 / --context-parallel 8 = 8"):
+        table("DiS-H/2", 1024, 64, 80, 4, context_parallel=8)
 
 
 @pytest.mark.parametrize("name,latent", [("DiS-T/8", 32), ("DiS-S/2", 32), ("DiS-S/4", 64)])

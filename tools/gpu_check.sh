@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Everything GPU-side in one call (for a session lent a GPU through the device tool):
 # the scan backends against each other, the triton tests on the GPU, bf16 numerics against
-# float64, and FSDP training steps of
-# DiS-B/2 and DiS-H/2 (bf16, activation checkpointing) beside the planner's estimate.
+# float64, FSDP training steps of DiS-B/2 and DiS-H/2 (bf16, activation checkpointing) beside
+# the planner's estimate, sampling, and context parallelism on the GPU.
 #   bash tools/gpu_check.sh 2>&1 | tee "$OUT/gpu_check.txt"
 set -u
 PYTHONPATH="${PYTHONPATH:-}:$PWD"
@@ -68,3 +68,17 @@ print(f"80-image guided grid: {time.perf_counter() - t:.1f} s, peak {torch.cuda.
       f"grid {grid.shape}")
 PY
 python -m torch.distributed.run --standalone --nproc_per_node=1 "$GRID_DIR/grid.py" "$GRID_DIR"
+# Context parallelism on the GPU: two ranks sharing it over gloo (NCCL refuses two ranks on one
+# GPU), a DiS-S-shaped model (width 368, depth 4) at L = 4098 split over both against the unsplit
+# model (outputs and every gradient; fp32 within 1e-5 with the GPU's scan backend, fp64 within
+# 1e-10 with the chunked one).
+CP_DIR=$(mktemp -d)
+cat >"$CP_DIR/spec.json" <<JSON
+{"cases": [{"model": {"width": 368, "depth": 4, "input_size": 128}, "batch": 2, "dtype": "float32",
+            "backend": "auto", "checkpointing": true, "splits": [2], "device": "cuda"},
+           {"model": {"width": 368, "depth": 4, "input_size": 64}, "batch": 2, "dtype": "float64",
+            "backend": "chunked", "checkpointing": false, "splits": [2], "device": "cuda"}],
+ "out": "$CP_DIR/errors.json"}
+JSON
+python -m torch.distributed.run --standalone --nproc_per_node=2 tests/cp_run.py "$CP_DIR/spec.json" \
+    && echo "context parallel on cuda, max relative errors (fp32 L 4098, fp64 L 1026; 2 ranks): $(cat "$CP_DIR/errors.json")"

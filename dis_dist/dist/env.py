@@ -146,6 +146,18 @@ def init_distributed(strategy: str, device: str = "auto", timeout_min: float = 3
     return DistEnv(rank, world, local, where, int(ranks["LOCAL_WORLD_SIZE"]))
 
 
+def context_parallel_group(env: DistEnv, k: int) -> dist.ProcessGroup | None:
+    """Collective. The context-parallel group of this rank: the ``cp`` axis of a (dp, cp) device
+    mesh over all ranks, so that consecutive ranks (on one node, where links are fastest) split
+    each sample's tokens and ranks k apart hold different samples. None for k = 1."""
+    if k == 1:
+        return None
+    from torch.distributed.device_mesh import init_device_mesh
+
+    mesh = init_device_mesh(env.device.type, (env.world_size // k, k), mesh_dim_names=("dp", "cp"))
+    return mesh.get_group("cp")
+
+
 def _agent_store(timeout: datetime.timedelta) -> dist.Store | None:
     """torchrun's store, with keys of their own for each restart of the workers.
 

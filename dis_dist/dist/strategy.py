@@ -83,8 +83,12 @@ class Strategy(ABC):
         return nullcontext()
 
     def backward(self, loss: Tensor) -> None:
-        """Accumulate the gradients of one micro-batch's mean loss (scaled for accumulation here)."""
-        (loss / self.accum).backward()
+        """Accumulate the gradients of one micro-batch's mean loss (scaled for accumulation here).
+
+        Under context parallelism every rank of a group holds the same loss, but the gradient of
+        its own tokens only: the sum over the group is the sample's gradient, and the strategies
+        average over all ranks, so the loss is scaled by the group's size."""
+        (loss * self.cfg.dist.context_parallel / self.accum).backward()
 
     @abstractmethod
     def step(self) -> StepResult:

@@ -14,12 +14,14 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
+import torch.distributed as dist
 import torch.utils.checkpoint
 from torch import Tensor, nn
 
 from dis_dist.errors import ConfigError
 from dis_dist.models.layers import DropPath, FinalLayer, LabelEmbedder, RMSNorm, TimestepEmbedder, at_least_fp32
 from dis_dist.models.mamba import BiMamba, SSMBranch
+from dis_dist.ops.selective_scan.context_parallel import gather_sequence, slice_bounds
 from dis_dist.utils.seeding import mix_seed
 
 
@@ -113,7 +115,7 @@ class DiS(nn.Module):
         self.label_embed = (
             LabelEmbedder(num_classes, width, class_dropout_prob) if num_classes > 0 else None
         )
-        self.pos_embed = nn.Parameter(torch.zeros(1, self.num_prefix + self.num_patches, width))
+        self.pos_embed = nn.Parameter(torch.zeros(1, self.num_tokens, width))
 
         rates = [0.0] + torch.linspace(0, drop_path_rate, depth, device="cpu").tolist()
         mixer = dict(d_state=d_state, d_conv=d_conv, expand=expand, scan_backend=scan_backend)
@@ -129,7 +131,29 @@ class DiS(nn.Module):
         self.final_drop_path = DropPath(drop_path_rate)
         self.final_layer = FinalLayer(width, patch_size, self.out_channels, num_classes > 0)
         self.checkpoint_every = 0
+        self.cp_group: dist.ProcessGroup | None = None
         self.initialize_weights(seed)
+
+    @property
+    def num_tokens(self) -> int:
+        """The length of the sequence the blocks scan: prefix tokens, then the patches."""
+        return self.num_prefix + self.num_patches
+
+    def set_context_parallel(self, group: dist.ProcessGroup | None) -> None:
+        """Split each sample's token sequence over the ranks of ``group`` (contiguous slices in
+        rank order, :func:`slice_bounds`): every rank embeds all tokens, runs the blocks on its
+        slice, and the per-token outputs are gathered, so every rank of the group returns the
+        whole output (and must get the same inputs). None: the whole sequence on this rank."""
+        if group is not None:
+            k, d_conv = dist.get_world_size(group), self.mid_block.mixer.fwd.conv1d.kernel_size[0]
+            if self.num_tokens // k < d_conv - 1:
+                raise ConfigError(
+                    f"{self.num_tokens} tokens split over {k} context-parallel ranks leave slices shorter "
+                    f"than the conv halo ({d_conv - 1} tokens): lower dist.context_parallel"
+                )
+        self.cp_group = group
+        for mixer in self._mixers():
+            mixer.cp_group = group
 
     def set_activation_checkpointing(self, every: int) -> None:
         """Recompute the activations of every ``every``-th block (in execution order, starting
@@ -212,6 +236,9 @@ class DiS(nn.Module):
             prefix.insert(0, label_token[:, None])
             cond = time_token + label_token
         hidden = at_least_fp32(torch.cat(prefix + [tokens.to(time_token.dtype)], dim=1)) + self.pos_embed
+        if self.cp_group is not None:
+            start, end = slice_bounds(self.num_tokens, dist.get_world_size(self.cp_group), dist.get_rank(self.cp_group))
+            hidden = hidden[:, start:end]
 
         residual, skips = None, []
         for i, block in enumerate(self.in_blocks):
@@ -222,8 +249,10 @@ class DiS(nn.Module):
         for i, block in enumerate(self.out_blocks, start=half + 1):
             hidden, residual = self._run(i, block, hidden, residual, skips.pop())
         hidden = self.norm_f(residual + self.final_drop_path(hidden))
-        out = self.final_layer(hidden, cond)[:, self.num_prefix :]
-        return self.unpatchify(out)
+        out = self.final_layer(hidden, cond)
+        if self.cp_group is not None:
+            out = gather_sequence(out, self.num_tokens, self.cp_group)
+        return self.unpatchify(out[:, self.num_prefix :])
 
 
 def parameter_seed(seed: int, name: str) -> int:

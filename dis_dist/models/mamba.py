@@ -12,11 +12,13 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from dis_dist.models.layers import at_least_fp32
 from dis_dist.ops.selective_scan import bidirectional_selective_scan
+from dis_dist.ops.selective_scan.context_parallel import cp_bidirectional_selective_scan, halo_exchange
 
 
 class DeltaProjection(nn.Linear):
@@ -82,16 +84,26 @@ class SSMBranch(nn.Module):
         else:
             raise KeyError(f"SSMBranch has no parameter {name!r}")
 
-    def forward(self, x: Tensor, reverse: bool = False) -> tuple[Tensor, ...]:
+    def forward(self, x: Tensor, reverse: bool = False, halo: Tensor | None = None) -> tuple[Tensor, ...]:
         """x (b, d, L) -> the scan's inputs of this direction, in sequence order: u, delta
         without bias (b, d, L), B, C (b, N, L), and A, D, the delta bias in fp32, as the
         reference DiS code casts them (new tensors: a sharded strategy may free its gathered
         parameters when this returns). ``reverse``: the branch of the reversed sequence, whose
-        causal conv is an anti-causal conv with the kernel flipped."""
+        causal conv is an anti-causal conv with the kernel flipped. ``halo`` (b, d, d_conv - 1):
+        the tokens before x (after it, ``reverse``) where x is a slice of the sequence (context
+        parallelism); zeros, the padding, otherwise."""
         length, pad = x.shape[-1], self.conv1d.kernel_size[0] - 1
         weight = self.conv1d.weight.flip(-1) if reverse else self.conv1d.weight
         u = F.conv1d(x, weight, self.conv1d.bias, padding=pad, groups=x.shape[1])
-        u = F.silu(u[..., pad:] if reverse else u[..., :length])
+        u = u[..., pad:] if reverse else u[..., :length]
+        if halo is not None:  # what the halo adds where the padding was: to the first (last) pad outputs
+            edge = torch.cat([halo, torch.zeros_like(halo)] if not reverse else [torch.zeros_like(halo), halo], -1)
+            from_halo = F.conv1d(edge, weight, groups=x.shape[1])  # (b, d, pad)
+            if reverse:
+                u = torch.cat([u[..., : length - pad], u[..., length - pad :] + from_halo], -1)
+            else:
+                u = torch.cat([u[..., :pad] + from_halo, u[..., pad:]], -1)
+        u = F.silu(u)
         x_dbl = self.x_proj(u.transpose(1, 2))
         dt, B, C = x_dbl.split([self.dt_rank, self.d_state, self.d_state], dim=-1)
         delta = F.linear(dt, self.dt_proj.weight).transpose(1, 2)
@@ -102,7 +114,10 @@ class SSMBranch(nn.Module):
 
 
 class BiMamba(nn.Module):
-    """Bidirectional Mamba mixer: (batch, L, d_model) -> (batch, L, d_model)."""
+    """Bidirectional Mamba mixer: (batch, L, d_model) -> (batch, L, d_model). With a
+    ``cp_group`` (context parallelism), L is this rank's slice of the sequence: the convs take
+    their halo from the neighbouring slices and the scan its incoming states from the ranks
+    before it in each direction (dis_dist/ops/selective_scan/context_parallel.py)."""
 
     def __init__(
         self,
@@ -121,12 +136,22 @@ class BiMamba(nn.Module):
         self.fwd = SSMBranch(self.d_inner, d_state, d_conv, self.dt_rank)
         self.bwd = SSMBranch(self.d_inner, d_state, d_conv, self.dt_rank)
         self.out_proj = nn.Linear(self.d_inner, d_model, bias=False)
+        self.cp_group: dist.ProcessGroup | None = None
 
     def forward(self, hidden: Tensor) -> Tensor:
         x, z = self.in_proj(hidden).transpose(1, 2).chunk(2, dim=1)  # (b, d_inner, L) each
+        left = right = None
+        if self.cp_group is not None:
+            left, right = halo_exchange(x, self.fwd.conv1d.kernel_size[0] - 1, self.cp_group)
         # The backward branch is computed on the sequence as it is and scanned right to left.
-        u, delta, A, B, C, D, delta_bias = (torch.stack(pair) for pair in zip(self.fwd(x), self.bwd(x, reverse=True)))
-        y = bidirectional_selective_scan(
+        u, delta, A, B, C, D, delta_bias = (
+            torch.stack(pair) for pair in zip(self.fwd(x, halo=left), self.bwd(x, reverse=True, halo=right))
+        )
+        scan, group = bidirectional_selective_scan, {}
+        if self.cp_group is not None:
+            scan, group = cp_bidirectional_selective_scan, {"group": self.cp_group}
+        y = scan(
             u, delta, A, B, C, D=D, z=z, delta_bias=delta_bias, delta_softplus=True, backend=self.scan_backend,
+            **group,
         )
         return self.out_proj(y.transpose(1, 2))

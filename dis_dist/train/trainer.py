@@ -7,8 +7,9 @@ import json
 import logging
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -21,7 +22,7 @@ from dis_dist.config import RunConfig, grad_accumulation, save_config, to_dict, 
 from dis_dist.data import build_loader
 from dis_dist.data.encoders import display_decoder
 from dis_dist.diffusion import create_diffusion
-from dis_dist.dist.env import DistEnv, bound_host_heap, init_distributed
+from dis_dist.dist.env import DistEnv, bound_host_heap, context_parallel_group, init_distributed
 from dis_dist.dist.strategy import StepResult, build_strategy
 from dis_dist.errors import CheckpointError, CheckpointMismatch, TrainingError
 from dis_dist.eval.fid import format_metrics
@@ -80,10 +81,15 @@ class Trainer:
         self.cfg = cfg
         self.run_dir = Path(cfg.run_dir)
         self.accum = grad_accumulation(cfg, self.env.world_size)
+        # Data-parallel ranks hold different samples; the dist.context_parallel consecutive ranks
+        # of a context-parallel group the same ones (data, noise, dropout), each a slice of tokens.
+        cp = cfg.dist.context_parallel
+        self.dp_rank, self.dp_size = self.env.rank // cp, self.env.world_size // cp
+        self.cp_group = context_parallel_group(self.env, cp)
 
         self.loader = build_loader(
-            cfg.data, batch_size=cfg.train.micro_batch, seed=cfg.train.seed, rank=self.env.rank,
-            world_size=self.env.world_size,
+            cfg.data, batch_size=cfg.train.micro_batch, seed=cfg.train.seed, rank=self.dp_rank,
+            world_size=self.dp_size,
         )
         self.num_classes = self.loader.num_classes if cfg.model.conditional else 0
         # What build_model needs to rebuild this model anywhere (saved with every checkpoint).
@@ -128,6 +134,8 @@ class Trainer:
             )
 
         self.strategy = build_strategy(self.env, cfg, model, self.accum, make_optimizer, make_scheduler)
+        self.module = model  # the DiS itself, whichever wrapper the strategy calls (sharded in place)
+        model.set_context_parallel(self.cp_group)
         self.scheduler = self.strategy.scheduler
         self._decode = None  # latents -> images for sample grids, built on first use
         self.sample_batch = cfg.sample.batch_size or self._planned_sample_batch()
@@ -288,7 +296,7 @@ class Trainer:
         if self._decode is None:
             self._decode = display_decoder(self.loader.vae, self.loader.scaling_factor, self.env.device)
         mine = []
-        with self.strategy.ema_for_sampling() as (model, collective):
+        with self._ema_for_sampling() as (model, collective):
             for indices, images, labels in generate_share(
                 model, self.sample_diffusion, sc.num, self.sample_batch, rank=self.env.rank,
                 world_size=self.env.world_size, collective=collective, channels=self.loader.channels,
@@ -310,10 +318,21 @@ class Trainer:
         per_class = sc.num // self.num_classes
         return make_grid(images[np.argsort(labels, kind="stable")], ncol=per_class or None)
 
+    @contextmanager
+    def _ema_for_sampling(self) -> Iterator[tuple[torch.nn.Module, bool]]:
+        """The strategy's EMA model for sampling, each rank with whole sequences: the ranks of a
+        context-parallel group draw different samples, as all ranks do."""
+        self.module.set_context_parallel(None)
+        try:
+            with self.strategy.ema_for_sampling() as lent:
+                yield lent
+        finally:
+            self.module.set_context_parallel(self.cp_group)
+
     def evaluate(self, logger: RunLogger) -> None:
         """Collective. Score eval.num_samples EMA samples; log the metrics (rank 0)."""
         start = time.perf_counter()
-        with self.strategy.ema_for_sampling() as (model, collective):
+        with self._ema_for_sampling() as (model, collective):
             metrics = self.evaluator(model, self.sample_diffusion, collective)
         if metrics is None:
             return
@@ -329,8 +348,9 @@ class Trainer:
         (label dropout and drop path, which read the global RNG because activation checkpointing
         replays it), all from the micro-batch's place in the global batch: a run draws the same
         whatever its number of ranks (for the same micro-batch), and a resumed run what the
-        uninterrupted one drew, with no RNG state to save."""
-        chunk = (self.step * self.accum + micro) * self.env.world_size + self.env.rank
+        uninterrupted one drew, with no RNG state to save. The ranks of a context-parallel group
+        draw alike."""
+        chunk = (self.step * self.accum + micro) * self.dp_size + self.dp_rank
         gen = torch.Generator(self.env.device).manual_seed(mix_seed(self.cfg.train.seed, chunk))
         t = torch.randint(0, self.diffusion.num_timesteps, (x.shape[0],), device=x.device, generator=gen)
         noise = torch.randn(x.shape, device=x.device, generator=gen)
@@ -381,9 +401,11 @@ class Trainer:
         if env.is_main:
             log.info(
                 "model %s: %.2fM parameters | %d steps, global batch %d = micro %d x %d rank(s) x %d "
-                "accumulation | %s on %s | sampling %d images per forward pass%s",
+                "accumulation%s | %s on %s | sampling %d images per forward pass%s",
                 cfg.model.name, self.num_params / 1e6, cfg.train.steps, cfg.train.global_batch,
-                cfg.train.micro_batch, env.world_size, self.accum, self.strategy.name, env.device,
+                cfg.train.micro_batch, self.dp_size, self.accum,
+                f", each sample's tokens split over {cfg.dist.context_parallel} ranks" if self.cp_group else "",
+                self.strategy.name, env.device,
                 self.sample_batch, "" if cfg.sample.batch_size else " (planned)",
             )
         model = self.strategy.model

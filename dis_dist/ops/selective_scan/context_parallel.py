@@ -20,13 +20,20 @@ the same operations), so all ranks issue their backward collectives in the same 
 
 from __future__ import annotations
 
+import logging
+from collections.abc import Callable
+
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+import torch.utils.checkpoint
 from torch import Tensor
 
 from dis_dist.ops.selective_scan import selective_scan
+from dis_dist.ops.selective_scan.chunked import _compile_failed, _compile_wanted
 from dis_dist.ops.selective_scan.reference import prepare_delta
+
+log = logging.getLogger(__name__)
 
 
 class _AllGather(torch.autograd.Function):
@@ -67,6 +74,133 @@ def incoming_states(last: Tensor, log_decay: Tensor, position: int) -> Tensor:
     return (exponent.exp() * last).sum(0)
 
 
+def _in_scan_order(t: Tensor, direction: int) -> Tensor:
+    """Direction ``direction``'s (b, ., L) entry of a stacked (2, b, ., L) input, in its scan order."""
+    return t[direction].flip(-1) if direction else t[direction]
+
+
+def _log_decays(delta: Tensor, A: Tensor, delta_bias: Tensor | None, delta_softplus: bool) -> Tensor:
+    """(2, b, d, N): each direction's A * (sum of its steps over the slice), in fp32 at least."""
+    compute = torch.promote_types(delta.dtype, torch.float32)
+    bias = None if delta_bias is None else delta_bias.to(compute)[:, None]  # (2, 1, d): over the batch
+    step = prepare_delta(delta.to(compute), bias, delta_softplus)
+    return A.to(compute)[:, None] * step.sum(-1)[..., None]
+
+
+READOUT_CHUNK = 64  # tokens per call of the readout kernels (the last call padded)
+
+
+# Decays below e^-60 (1e-26) are taken as 0: they count for nothing beside the terms they are
+# added to, and products of them drift into subnormal numbers, which make every operation on
+# them many times slower on CPUs.
+LOG_DECAY_CUTOFF = -60.0
+
+
+def _decay(A: Tensor, cum: Tensor) -> Tensor:
+    """exp(A * cum) (2, b, d, N, T), 0 where the exponent is below LOG_DECAY_CUTOFF."""
+    exponent = A[..., None] * cum[..., None, :]
+    return torch.where(exponent > LOG_DECAY_CUTOFF, torch.exp(exponent), 0.0)
+
+
+def readout_forward(cum: Tensor, A: Tensor, C: Tensor, h: Tensor) -> Tensor:
+    """y = sum_n C_n * h_n * exp(A_n * cum): cum (2, b, d, T) the cumulative steps in scan order,
+    A (2, 1, d, N), C (2, b, N, T), h (2, b, d, N) -> (2, b, d, T). A <= 0 and cum >= 0: the
+    exponent is never positive."""
+    decay = _decay(A, cum)  # (2, b, d, N, T)
+    return (decay * h[..., None] * C[..., None, :, :]).sum(-2)
+
+
+def readout_backward(cum: Tensor, A: Tensor, C: Tensor, h: Tensor, grad: Tensor) -> tuple[Tensor, ...]:
+    """Gradients of :func:`readout_forward` for dL/dy ``grad``: (cum, A unreduced over b, h, C)."""
+    decay = _decay(A, cum)
+    g_c = grad[..., None, :] * C[..., None, :, :]  # (2, b, d, N, T)
+    w = g_c * decay * h[..., None]  # dL/d(A * cum)
+    return ((w * A[..., None]).sum(-2), (w * cum[..., None, :]).sum(-1), (g_c * decay).sum(-1),
+            (grad[..., None, :] * decay * h[..., None]).sum(-3))
+
+
+_readout_kernels: dict[str, tuple[Callable, Callable]] = {}
+
+
+def _readout(which: int, *args: Tensor) -> tuple[Tensor, ...] | Tensor:
+    """The readout kernel ``which`` (0 forward, 1 backward), compiled where the chunked scan
+    compiles its kernels (fused loops: the (2, b, d, N, T) decays are never written out)."""
+    device = args[0].device
+    eager = (readout_forward, readout_backward)[which]
+    if not _compile_wanted(device):
+        return eager(*args)
+    if device.type not in _readout_kernels:
+        _readout_kernels[device.type] = (torch.compile(readout_forward, dynamic=False),
+                                         torch.compile(readout_backward, dynamic=False))
+    try:
+        return _readout_kernels[device.type][which](*args)
+    except Exception as e:  # compiler missing or broken: the eager kernel computes the same
+        _compile_failed.add(device.type)
+        log.warning("torch.compile of the context-parallel readout failed on %s (%s); running it eagerly",
+                    device.type, e)
+        return eager(*args)
+
+
+def _readout_chunks(*tensors: Tensor) -> list[tuple]:
+    """Each READOUT_CHUNK tokens of ``tensors`` (last axis), zero-padded to the full chunk, and
+    the number of real tokens: a zero step and a zero C add nothing."""
+    length = tensors[0].shape[-1]
+    out = []
+    for start in range(0, length, READOUT_CHUNK):
+        n = min(READOUT_CHUNK, length - start)
+        out.append((*(F.pad(t[..., start : start + n], (0, READOUT_CHUNK - n)) for t in tensors), n))
+    return out
+
+
+def _cumulative_steps(delta: Tensor, delta_bias: Tensor | None, delta_softplus: bool, compute: torch.dtype) -> Tensor:
+    """(2, b, d, L): each direction's steps summed in its scan order, in sequence order."""
+    bias = None if delta_bias is None else delta_bias.to(compute)[:, None]  # (2, 1, d): over the batch
+    step = prepare_delta(delta.to(compute), bias, delta_softplus)
+    return torch.stack([step[0].cumsum(-1), step[1].flip(-1).cumsum(-1).flip(-1)])
+
+
+class _Corrections(torch.autograd.Function):
+    """(2, b, d, L) in sequence order: what each direction's incoming state h_in (2, b, d, N) adds
+    to its outputs, ``y_t += C_t . (exp(A * cumsum(delta))_t * h_in)``, the cumulative sum taken
+    in each direction's scan order: the zero-input scan from h_in, in closed form, READOUT_CHUNK
+    tokens per kernel call. Keeps only its inputs; the backward recomputes the rest."""
+
+    @staticmethod
+    def forward(ctx, delta, A, C, delta_bias, h_in, delta_softplus: bool):  # noqa: ANN001, ANN205, D102
+        ctx.save_for_backward(delta, A, C, delta_bias, h_in)
+        ctx.delta_softplus = delta_softplus
+        compute = h_in.dtype
+        cum = _cumulative_steps(delta, delta_bias, delta_softplus, compute)
+        A_, C_ = A.to(compute)[:, None], C.to(compute)
+        return torch.cat([_readout(0, c, A_, cc, h_in)[..., :n] for c, cc, n in _readout_chunks(cum, C_)], -1)
+
+    @staticmethod
+    def backward(ctx, grad):  # noqa: ANN001, ANN205, D102
+        delta, A, C, delta_bias, h_in = ctx.saved_tensors
+        compute = h_in.dtype
+        with torch.enable_grad():  # the steps' graph, to take dL/dcum back to delta and its bias
+            leaves = [None if t is None else t.detach().requires_grad_(t.requires_grad) for t in (delta, delta_bias)]
+            cum = _cumulative_steps(leaves[0], leaves[1], ctx.delta_softplus, compute)
+        A_, C_ = A.to(compute)[:, None], C.to(compute)
+        g_cum, g_C, g_A, g_h = [], [], 0, 0
+        for c, cc, g, n in _readout_chunks(cum.detach(), C_, grad.to(compute)):
+            gc, ga, gh, gC = _readout(1, c, A_, cc, h_in, g)
+            g_cum.append(gc[..., :n])
+            g_C.append(gC[..., :n])
+            g_A, g_h = g_A + ga, g_h + gh
+        wanted = [t for t in leaves if t is not None and t.requires_grad]
+        grads = iter(torch.autograd.grad(cum, wanted, torch.cat(g_cum, -1)) if wanted else ())
+        g_delta, g_bias = (next(grads) if t is not None and t.requires_grad else None for t in leaves)
+        return g_delta, g_A.sum(1).to(A.dtype), torch.cat(g_C, -1).to(C.dtype), g_bias, g_h, None
+
+
+def _recomputed(fn: Callable[..., Tensor], *args: object) -> Tensor:
+    """``fn(*args)`` keeping only its inputs for the backward pass, which recomputes it: the
+    inputs are the mixer's own (saved anyway), the intermediates would be a second copy of the
+    scan's saved tensors."""
+    return torch.utils.checkpoint.checkpoint(fn, *args, use_reentrant=False, preserve_rng_state=False)
+
+
 def cp_bidirectional_selective_scan(
     u: Tensor,
     delta: Tensor,
@@ -82,40 +216,32 @@ def cp_bidirectional_selective_scan(
 ) -> Tensor:
     """:func:`~dis_dist.ops.selective_scan.bidirectional_selective_scan` on this rank's slice of
     the sequence (same arguments, L = the slice's length; ``group``: the context-parallel ranks,
-    in sequence order). Equal to the unsplit scan's outputs on the slice, gradients included."""
+    in sequence order). Equal to the unsplit scan's outputs on the slice, gradients included.
+
+    The log-decays and the corrections are recomputed in the backward pass rather than kept:
+    they add to the saved tensors only the mixer's own inputs."""
     rank, k = dist.get_rank(group), dist.get_world_size(group)
     compute = torch.promote_types(u.dtype, torch.float32)
-    lasts, log_decays, zero_start, in_scan_order = [], [], [], []
+    zero_start, lasts = [], []
     for direction in (0, 1):
-        seq = [t[direction].flip(-1) if direction else t[direction] for t in (u, delta, B, C)]
-        seq[0] = seq[0].to(compute)  # the outputs in the compute dtype: rounded once, at the end
-        bias = None if delta_bias is None else delta_bias[direction]
+        seq = [_in_scan_order(t, direction) for t in (u, delta, B, C)]
         y, last = selective_scan(
-            seq[0], seq[1], A[direction], seq[2], seq[3], D=None if D is None else D[direction],
-            delta_bias=bias, delta_softplus=delta_softplus, return_last_state=True, backend=backend,
-        )
-        step = prepare_delta(seq[1].to(compute), None if bias is None else bias.to(compute), delta_softplus)
-        in_scan_order.append(seq[1:])
-        zero_start.append(y)
-        lasts.append(last.to(compute))
-        log_decays.append(A[direction].to(compute) * step.sum(-1)[..., None])  # (b, d, N)
-    # (k, 2 directions, 2 [state, log-decay], b, d, N): one collective per call
-    gathered = all_gather_with_grad(torch.stack([torch.stack(lasts), torch.stack(log_decays)], dim=1), group)
-    out = []
-    for direction in (0, 1):
-        # Scan order: ranks left to right for direction 0, right to left for direction 1.
-        ordered = gathered[:, direction] if direction == 0 else gathered[:, direction].flip(0)
-        position = rank if direction == 0 else k - 1 - rank
-        h_in = incoming_states(ordered[:, 0], ordered[:, 1], position)
-        seq = in_scan_order[direction]
-        correction = selective_scan(
-            torch.zeros_like(seq[0], dtype=compute), seq[0], A[direction], seq[1], seq[2],
+            seq[0].to(compute), seq[1], A[direction], seq[2], seq[3], D=None if D is None else D[direction],
             delta_bias=None if delta_bias is None else delta_bias[direction], delta_softplus=delta_softplus,
-            initial_state=h_in, backend=backend,
-        )
-        y = zero_start[direction] + correction
-        out.append(y.flip(-1) if direction else y)
-    y = out[0] + out[1]
+            return_last_state=True, backend=backend,
+        )  # u in the compute dtype: the outputs are rounded once, at the end
+        zero_start.append(y.flip(-1) if direction else y)
+        lasts.append(last.to(compute))
+    log_decays = _recomputed(_log_decays, delta, A, delta_bias, delta_softplus)
+    # (k, 2 directions, 2 [state, log-decay], b, d, N): one collective per call
+    gathered = all_gather_with_grad(torch.stack([torch.stack(lasts), log_decays], dim=1), group)
+    # Scan order: ranks left to right for direction 0, right to left for direction 1.
+    h_in = torch.stack([
+        incoming_states(gathered[:, 0, 0], gathered[:, 0, 1], rank),
+        incoming_states(gathered.flip(0)[:, 1, 0], gathered.flip(0)[:, 1, 1], k - 1 - rank),
+    ])
+    corrections = _Corrections.apply(delta, A, C, delta_bias, h_in, delta_softplus)
+    y = zero_start[0] + zero_start[1] + corrections.sum(0)
     if z is not None:
         y = y * F.silu(z.to(compute))
     return y.to(u.dtype)
@@ -133,3 +259,38 @@ def halo_exchange(x: Tensor, width: int, group: dist.ProcessGroup | None = None)
     left = edges[(rank - 1) % k, 1] * has_left
     right = edges[(rank + 1) % k, 0] * has_right
     return left, right
+
+
+def slice_bounds(length: int, k: int, rank: int) -> tuple[int, int]:
+    """[start, end) of rank ``rank``'s slice of ``length`` tokens over ``k`` ranks: contiguous, in
+    rank order, the first ``length % k`` one token longer (as ``torch.tensor_split``)."""
+    base, extra = divmod(length, k)
+    start = rank * base + min(rank, extra)
+    return start, start + base + (rank < extra)
+
+
+class _GatherSequence(torch.autograd.Function):
+    """Every rank's slice (b, l_r, ...) of a sequence, concatenated along dim 1 in rank order; the
+    backward returns each rank its own slice of the gradient, not summed: every rank computes
+    the same loss from the whole sequence, so each already holds the whole gradient."""
+
+    @staticmethod
+    def forward(ctx, t: Tensor, length: int, group: dist.ProcessGroup | None) -> Tensor:  # noqa: D102
+        k, rank = dist.get_world_size(group), dist.get_rank(group)
+        bounds = [slice_bounds(length, k, r) for r in range(k)]
+        ctx.own = bounds[rank]
+        longest = bounds[0][1] - bounds[0][0]
+        padded = F.pad(t, (0, 0) * (t.dim() - 2) + (0, longest - t.shape[1])).contiguous()
+        parts = [torch.empty_like(padded) for _ in range(k)]
+        dist.all_gather(parts, padded, group=group)
+        return torch.cat([p[:, : end - start] for p, (start, end) in zip(parts, bounds)], dim=1)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor, None, None]:  # noqa: D102
+        start, end = ctx.own
+        return grad[:, start:end], None, None
+
+
+def gather_sequence(t: Tensor, length: int, group: dist.ProcessGroup | None = None) -> Tensor:
+    """(b, length, ...) from every rank's slice ``t`` (b, l_r, ...) of it (see :class:`_GatherSequence`)."""
+    return _GatherSequence.apply(t, length, group)
