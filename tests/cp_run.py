@@ -7,9 +7,9 @@ SPEC: ``{"cases": [...], "out"}``, each case either a mixer case
 ``{"length", "d_inner", "d_state", "batch", "dtype", "backend"}``: every rank builds the same full
 inputs (seeded), runs the unsplit conv + scan, then its own slice (uneven when K does not divide
 the length); or a model case ``{"model": {"width", "depth", "input_size"}, "batch", "dtype",
-"backend", "checkpointing", "splits"}`` (and optionally "device"): a DiS (patch 2, class-conditional, drop path and label
-dropout on) whole on rank 0 against the same DiS with its token sequence split over the first k
-ranks, for each k of ``splits``. Rank 0 writes each case's largest relative error (max |a - b| /
+"backend", "checkpointing", "splits"}`` (optionally "device"): a DiS (patch 2, class-conditional,
+drop path and label dropout on) whole on rank 0 against the same DiS with its token sequence
+split over the first k ranks, for each k of ``splits``. Rank 0 writes each case's largest relative error (max |a - b| /
 max |b| over the outputs and each gradient; for a model case, {k: error}) to ``out``.
 """
 

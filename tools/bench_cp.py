@@ -100,8 +100,11 @@ def run(args: argparse.Namespace, k: int) -> dict:
            "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
     lines = [line for line in proc.stdout.splitlines() if line.startswith(RESULT)]
-    if proc.returncode or not lines:
+    if not lines:
         sys.exit(f"k={k} failed (exit {proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
+    if proc.returncode:  # measured, then a rank died leaving (seen: gloo's teardown aborting)
+        print(f"warning: k={k} exited with {proc.returncode} after reporting its measurements:\n"
+              f"{proc.stderr[-1500:]}", file=sys.stderr)
     out = json.loads(lines[-1][len(RESULT):])
     out["threads"] = threads
     return out

@@ -9,10 +9,15 @@ ones for direction 0, right ones for direction 1),
 
     h_in = sum_j exp(log P of the slices between j and this one) * h_j,
 
-and adds what that state contributes to its outputs: the same scan with zero input started from
-``h_in`` (``y_t += C_t . (exp(A * cumsum(delta))_t * h_in)``), run by the scan backend, so its
-memory bounds hold. Gradients take the way back: the all-gather's backward sums every rank's
-gradient of each gathered state and hands it to the rank that produced it.
+and adds what that state contributes to its outputs, ``y_t += C_t . (exp(A * cumsum(delta))_t *
+h_in)`` (the scan with zero input from ``h_in``, in closed form: a readout kernel compiled where
+the chunked scan's are, over chunks of tokens, recomputed in the backward pass, so a rank keeps
+only the scan steps beyond what the unsplit scan keeps). Gradients take the way back: the
+all-gather's backward sums every rank's gradient of each gathered state and hands it to the rank
+that produced it.
+
+Sequences enter and leave the model whole: :func:`slice_bounds` says which tokens a rank keeps,
+:func:`gather_sequence` reassembles per-token outputs on every rank of the group.
 
 Every rank builds the same autograd graph (a rank with no slice before it composes zeros through
 the same operations), so all ranks issue their backward collectives in the same order.
@@ -148,7 +153,7 @@ def _readout_chunks(*tensors: Tensor) -> list[tuple]:
     out = []
     for start in range(0, length, READOUT_CHUNK):
         n = min(READOUT_CHUNK, length - start)
-        out.append((*(F.pad(t[..., start : start + n], (0, READOUT_CHUNK - n)) for t in tensors), n))
+        out.append((*(F.pad(t[..., start : start + n], (0, READOUT_CHUNK - n)).contiguous() for t in tensors), n))
     return out
 
 
@@ -183,7 +188,9 @@ class _Corrections(torch.autograd.Function):
             cum = _cumulative_steps(leaves[0], leaves[1], ctx.delta_softplus, compute)
         A_, C_ = A.to(compute)[:, None], C.to(compute)
         g_cum, g_C, g_A, g_h = [], [], 0, 0
-        for c, cc, g, n in _readout_chunks(cum.detach(), C_, grad.to(compute)):
+        # contiguous: the gradient arrives channels-last (from out_proj), for which the compiled
+        # kernel is three times slower
+        for c, cc, g, n in _readout_chunks(cum.detach(), C_, grad.to(compute).contiguous()):
             gc, ga, gh, gC = _readout(1, c, A_, cc, h_in, g)
             g_cum.append(gc[..., :n])
             g_C.append(gC[..., :n])
@@ -196,8 +203,8 @@ class _Corrections(torch.autograd.Function):
 
 def _recomputed(fn: Callable[..., Tensor], *args: object) -> Tensor:
     """``fn(*args)`` keeping only its inputs for the backward pass, which recomputes it: the
-    inputs are the mixer's own (saved anyway), the intermediates would be a second copy of the
-    scan's saved tensors."""
+    inputs are kept anyway (by :class:`_Corrections`), the intermediates would be another copy
+    of the scan steps."""
     return torch.utils.checkpoint.checkpoint(fn, *args, use_reentrant=False, preserve_rng_state=False)
 
 
