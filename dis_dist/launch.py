@@ -58,6 +58,11 @@ class TrainJob:
         cfg = load_config(self.config, self.overrides)
         trainer = Trainer(cfg)
         result = trainer.fit(resume="auto")  # USR1/USR2/SIGTERM: save at the next step, return
+        # A barrier last: gloo's worker thread frees each finished collective, and freeing one that
+        # holds tensors needs the GIL, while tearing the group down joins that thread holding the
+        # GIL; a deadlock seen after the end-of-run grid's all-gather (a barrier holds no tensors).
+        dist.barrier()
+        del trainer
         dist.destroy_process_group()
         if result.stopped and callable(requeue):
             requeue(signal.SIGUSR2, None)  # rank 0 resubmits (and exits); the others return
