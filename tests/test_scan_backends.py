@@ -149,7 +149,7 @@ def test_mixer_is_the_same_with_every_backend():
     """The DiS mixer gives the same output and gradients on every backend."""
     from dis_dist.models.mamba import BiMamba
 
-    backends = ["reference", "chunked"] + (["triton"] if importlib.util.find_spec("triton") else [])
+    backends = ["reference", "chunked", "cpu"] + (["triton"] if importlib.util.find_spec("triton") else [])
     mixer = BiMamba(24)
     h = torch.randn(2, 11, 24)
     results = {}
@@ -169,6 +169,6 @@ def test_cuda_backend_needs_a_gpu_and_says_so():
     from dis_dist.errors import BackendError
     from dis_dist.ops.selective_scan import AUTO_ORDER, resolve_backend
 
-    assert AUTO_ORDER["cuda"] == ("cuda", "triton", "chunked") and AUTO_ORDER["cpu"] == ("chunked",)
+    assert AUTO_ORDER["cuda"] == ("cuda", "triton", "chunked") and AUTO_ORDER["cpu"] == ("cpu", "chunked")
     with pytest.raises(BackendError, match="cuda"):
         resolve_backend("cuda", torch.device("cpu"))

@@ -50,12 +50,15 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def make_inputs(shape: Shape, dtype: torch.dtype, device: torch.device) -> dict[str, torch.Tensor]:
-    """Mamba-like inputs: softplus'd dt around 0.01-0.1, S4D-real A, unit-scale u, B, C, z."""
+    """Mamba-like inputs: softplus'd dt around 0.01-0.1, S4D-real A, unit-scale u, B, C, z.
+    u, delta, z (b, d, L) and B, C (b, N, L) are views of (b, L, .) memory, as the DiS mixer's
+    projections hand them to the scan."""
     g = torch.Generator().manual_seed(0)
     b, d, L, n = shape.batch, shape.d_inner, shape.length, shape.d_state
 
-    def r(*s: int, scale: float = 1.0) -> torch.Tensor:
-        return (torch.randn(*s, generator=g) * scale).to(device, dtype).requires_grad_()
+    def r(*s: int, scale: float = 1.0) -> torch.Tensor:  # (b, k, L) over (b, L, k) memory
+        t = torch.randn(s[0], s[2], s[1], generator=g) * scale
+        return t.to(device, dtype).transpose(1, 2).requires_grad_()
 
     A = -torch.arange(1, n + 1, dtype=torch.float32).repeat(d, 1).to(device).requires_grad_()
     return dict(
@@ -93,7 +96,7 @@ def time_backend(backend: str, shape: Shape, dtype: torch.dtype, device: torch.d
     def run() -> torch.Tensor:
         return selective_scan(**inputs, delta_softplus=True, backend=backend)
 
-    grad = torch.randn(shape.batch, shape.d_inner, shape.length, device=device, dtype=dtype)
+    grad = torch.randn(shape.batch, shape.length, shape.d_inner, device=device, dtype=dtype).transpose(1, 2)
     run().backward(grad)  # warm-up (and compilation, for compiled kernels)
     fwd, total = [], []
     for _ in range(repeats):
@@ -129,6 +132,20 @@ def copy_bandwidth(device: torch.device) -> float:
     return 2 * x.numel() * 4 * 10 / (time.perf_counter() - t0)
 
 
+def exp_floor_ms(shape: Shape, repeats: int) -> float:
+    """The CPU floor: ``torch.exp`` over one decay per (batch, channel, step, state), the
+    exponentials one scan pass must evaluate (fp32, into a preallocated output)."""
+    x = -torch.rand(shape.batch * shape.d_inner * shape.length * shape.d_state)
+    out = torch.empty_like(x)
+    torch.exp(x, out=out)
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        torch.exp(x, out=out)
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times) * 1e3
+
+
 def floor_ms(shape: Shape, dtype: torch.dtype, bandwidth: float) -> float:
     """Inputs read once (u, delta, z, B, C) and the output written once."""
     item = torch.tensor([], dtype=dtype).element_size()
@@ -155,7 +172,9 @@ def demo_throughput(backend: str, steps: int) -> float:
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--backends", default="reference,chunked", help="comma-separated, 'reference' first")
+    p.add_argument("--backends", default=None,
+                   help="comma-separated, 'reference' first, 'chunked' before the backends compared to it "
+                        "(default: reference,chunked,cpu on a CPU; reference,chunked,triton on a GPU)")
     p.add_argument("--shapes", default="dis-s2,dis-s2-1026,dis-h2-256,dis-h2-512,long",
                    help=f"comma-separated of: {', '.join(SHAPES)}")
     p.add_argument("--dtype", default="fp32", choices=list(DTYPES))
@@ -169,7 +188,8 @@ def main(argv: list[str] | None = None) -> None:
 
     device = torch.device(args.device)
     dtype = DTYPES[args.dtype]
-    backends = [b for b in args.backends.split(",") if b]
+    default = "reference,chunked,cpu" if device.type == "cpu" else "reference,chunked,triton"
+    backends = [b for b in (args.backends or default).split(",") if b]
     usable = set(available_backends(device))
     for b in backends:
         if b not in usable:
@@ -180,14 +200,17 @@ def main(argv: list[str] | None = None) -> None:
     if bandwidth:
         print(f"copy bandwidth {bandwidth / 1e9:.0f} GB/s")
     cols = f"{'shape':<15} {'b x d x L':>16} {'backend':<10} {'fwd ms':>9} {'fwd+bwd ms':>11} {'act MB':>9} " \
-           f"{'x ref fwd':>9} {'x ref f+b':>9} {'ref/act':>8}"
+           f"{'x ref fwd':>9} {'x ref f+b':>9} {'ref/act':>8} {'x chunked f+b':>13}"
     if bandwidth:
         cols += f" {'floor ms':>9} {'fwd/floor':>9}"
+    else:
+        cols += f" {'f+b/exp floor':>13}"
     print(cols)
     print("-" * len(cols))
     for key in args.shapes.split(","):
         shape = SHAPES[key]
-        ref = None
+        ref = chunked = None
+        exp_floor = exp_floor_ms(shape, args.repeats) if device.type == "cpu" else None
         for backend in backends:
             dims = f"{shape.batch}x{shape.d_inner}x{shape.length}"
             if backend == "reference" and shape.length > args.skip_reference_above:
@@ -196,15 +219,24 @@ def main(argv: list[str] | None = None) -> None:
             r = time_backend(backend, shape, dtype, device, args.repeats)
             if backend == "reference":
                 ref = r
+            if backend == "chunked":
+                chunked = r
+            vs_chunked = f"{chunked['total_ms'] / r['total_ms']:.2f}x" if chunked else "-"
             speed_f = f"{ref['fwd_ms'] / r['fwd_ms']:.1f}x" if ref else "-"
             speed_t = f"{ref['total_ms'] / r['total_ms']:.1f}x" if ref else "-"
             mem = f"{ref['act_mb'] / max(r['act_mb'], 1e-9):.1f}x" if ref else "-"
             line = (f"{shape.name:<15} {dims:>16} {backend:<10} {r['fwd_ms']:>9.1f} {r['total_ms']:>11.1f} "
-                    f"{r['act_mb']:>9.1f} {speed_f:>9} {speed_t:>9} {mem:>8}")
+                    f"{r['act_mb']:>9.1f} {speed_f:>9} {speed_t:>9} {mem:>8} {vs_chunked:>13}")
             if bandwidth:
                 fl = floor_ms(shape, dtype, bandwidth)
                 line += f" {fl:>9.3f} {r['fwd_ms'] / fl:>9.1f}"
+            else:
+                line += f" {r['total_ms'] / exp_floor:>13.2f}"
             print(line, flush=True)
+        if exp_floor:
+            print(f"{'':<15} exp floor {exp_floor:.1f} ms: torch.exp over b x d x L x N = "
+                  f"{shape.batch * shape.d_inner * shape.length * shape.d_state / 1e6:.1f} M elements "
+                  f"(one scan pass's decays)", flush=True)
     if args.demo:
         print(f"\ndemo trainer (configs/demo_fmnist.yaml), images/s over steps "
               f"{args.demo_steps + 1}-{2 * args.demo_steps}:")

@@ -17,8 +17,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from dis_dist.models.layers import at_least_fp32
-from dis_dist.ops.selective_scan import bidirectional_selective_scan
+from dis_dist.ops.selective_scan import bidirectional_selective_scan, resolve_backend
 from dis_dist.ops.selective_scan.context_parallel import cp_bidirectional_selective_scan, halo_exchange
+from dis_dist.ops.selective_scan.cpu import depthwise_conv_cpu
 
 
 class DeltaProjection(nn.Linear):
@@ -84,18 +85,24 @@ class SSMBranch(nn.Module):
         else:
             raise KeyError(f"SSMBranch has no parameter {name!r}")
 
-    def forward(self, x: Tensor, reverse: bool = False, halo: Tensor | None = None) -> tuple[Tensor, ...]:
+    def forward(
+        self, x: Tensor, reverse: bool = False, halo: Tensor | None = None, native_conv: bool = False
+    ) -> tuple[Tensor, ...]:
         """x (b, d, L) -> the scan's inputs of this direction, in sequence order: u, delta
         without bias (b, d, L), B, C (b, N, L), and A, D, the delta bias in fp32, as the
         reference DiS code casts them (new tensors: a sharded strategy may free its gathered
         parameters when this returns). ``reverse``: the branch of the reversed sequence, whose
         causal conv is an anti-causal conv with the kernel flipped. ``halo`` (b, d, d_conv - 1):
         the tokens before x (after it, ``reverse``) where x is a slice of the sequence (context
-        parallelism); zeros, the padding, otherwise."""
+        parallelism); zeros, the padding, otherwise. ``native_conv``: the conv runs in the native
+        CPU kernel (what the ``cpu`` scan backend brings) where the dtype allows."""
         length, pad = x.shape[-1], self.conv1d.kernel_size[0] - 1
         weight = self.conv1d.weight.flip(-1) if reverse else self.conv1d.weight
-        u = F.conv1d(x, weight, self.conv1d.bias, padding=pad, groups=x.shape[1])
-        u = u[..., pad:] if reverse else u[..., :length]
+        if native_conv and x.dtype in (torch.float32, torch.float64) and self.conv1d.weight.dtype == x.dtype:
+            u = depthwise_conv_cpu(x, self.conv1d.weight[:, 0], self.conv1d.bias, reverse=reverse)
+        else:
+            u = F.conv1d(x, weight, self.conv1d.bias, padding=pad, groups=x.shape[1])
+            u = u[..., pad:] if reverse else u[..., :length]
         if halo is not None:  # what the halo adds where the padding was: to the first (last) pad outputs
             edge = torch.cat([halo, torch.zeros_like(halo)] if not reverse else [torch.zeros_like(halo), halo], -1)
             from_halo = F.conv1d(edge, weight, groups=x.shape[1])  # (b, d, pad)
@@ -144,14 +151,20 @@ class BiMamba(nn.Module):
         if self.cp_group is not None:
             left, right = halo_exchange(x, self.fwd.conv1d.kernel_size[0] - 1, self.cp_group)
         # The backward branch is computed on the sequence as it is and scanned right to left.
-        u, delta, A, B, C, D, delta_bias = (
-            torch.stack(pair) for pair in zip(self.fwd(x, halo=left), self.bwd(x, reverse=True, halo=right))
-        )
+        backend = resolve_backend(self.scan_backend, x.device).name
+        native = backend == "cpu" and not torch.is_autocast_enabled(x.device.type)
+        branches = zip(self.fwd(x, halo=left, native_conv=native), self.bwd(x, True, right, native_conv=native))
+        u, delta, A, B, C, D, delta_bias = (_stack(pair, channels_last=backend == "cpu") for pair in branches)
         scan, group = bidirectional_selective_scan, {}
         if self.cp_group is not None:
             scan, group = cp_bidirectional_selective_scan, {"group": self.cp_group}
-        y = scan(
-            u, delta, A, B, C, D=D, z=z, delta_bias=delta_bias, delta_softplus=True, backend=self.scan_backend,
-            **group,
-        )
+        y = scan(u, delta, A, B, C, D=D, z=z, delta_bias=delta_bias, delta_softplus=True, backend=backend, **group)
         return self.out_proj(y.transpose(1, 2))
+
+
+def _stack(pair: tuple[Tensor, Tensor], channels_last: bool) -> Tensor:
+    """The two directions' tensors on a new leading axis; (b, k, L) ones over (b, L, k) memory when
+    ``channels_last`` (the native CPU kernel's layout, which the projections produce)."""
+    if not channels_last or pair[0].ndim < 3:
+        return torch.stack(pair)
+    return torch.stack([t.transpose(-1, -2) for t in pair]).transpose(-1, -2)

@@ -1,8 +1,9 @@
 """Selective scan: one function, several backends with the same semantics (``reference`` defines it).
 
-``backend="auto"`` picks the best backend that can run on the inputs' device; the environment
-variable ``DIS_SCAN_BACKEND`` or the model config may name one instead. A named backend that
-cannot run raises :class:`~dis_dist.errors.BackendError`; there is no silent fallback.
+``backend="auto"`` picks the best backend that can run on the inputs' device and logs, once, its
+choice and why it passed over the ones before it; the environment variable ``DIS_SCAN_BACKEND`` or
+the model config may name one instead. A named backend that cannot run raises
+:class:`~dis_dist.errors.BackendError`; there is no silent fallback.
 """
 
 from __future__ import annotations
@@ -66,6 +67,7 @@ BACKENDS: dict[str, Backend] = {
     for b in (
         Backend("reference", "reference", "selective_scan_ref", "bidirectional_selective_scan_ref"),
         Backend("chunked", "chunked", "selective_scan_chunked", "bidirectional_selective_scan_chunked"),
+        Backend("cpu", "cpu", "selective_scan_cpu", "bidirectional_selective_scan_cpu"),
         Backend("triton", "triton", "selective_scan_triton", "bidirectional_selective_scan_triton",
                 requires="triton"),
         Backend("cuda", "cuda", "selective_scan_cuda", "bidirectional_selective_scan_cuda",
@@ -73,7 +75,7 @@ BACKENDS: dict[str, Backend] = {
     )
 }
 # Preference order of "auto" per device type; the first available backend wins.
-AUTO_ORDER: dict[str, tuple[str, ...]] = {"cuda": ("cuda", "triton", "chunked"), "cpu": ("chunked",)}
+AUTO_ORDER: dict[str, tuple[str, ...]] = {"cuda": ("cuda", "triton", "chunked"), "cpu": ("cpu", "chunked")}
 
 _logged: set[str] = set()
 
@@ -87,9 +89,13 @@ def available_backends(device: torch.device | str = "cpu") -> list[str]:
 def resolve_backend(backend: str, device: torch.device) -> Backend:
     """Turn a requested name ("auto", a backend name, or None for the environment) into a Backend."""
     requested = os.environ.get(ENV_VAR, "auto") if backend in (None, "", "auto") else backend
+    skipped: list[str] = []
     if requested == "auto":
-        order = AUTO_ORDER.get(device.type, ("chunked",))
-        name = next(n for n in order if BACKENDS[n].unavailable(device) is None)
+        for name in AUTO_ORDER.get(device.type, ("chunked",)):
+            reason = BACKENDS[name].unavailable(device)
+            if reason is None:
+                break
+            skipped.append(f"{name}: {reason}")
     else:
         if requested not in BACKENDS:
             raise BackendError(
@@ -107,7 +113,8 @@ def resolve_backend(backend: str, device: torch.device) -> Backend:
     key = f"{name}@{device.type}"
     if key not in _logged:
         _logged.add(key)
-        log.info("selective-scan backend: %s on %s (requested %r)", name, device.type, requested)
+        why = f"; not {', '.join(skipped)}" if skipped else ""
+        log.info("selective-scan backend: %s on %s (requested %r%s)", name, device.type, requested, why)
     return BACKENDS[name]
 
 

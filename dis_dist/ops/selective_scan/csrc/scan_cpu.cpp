@@ -1,0 +1,631 @@
+// Native CPU selective scan (and the mixer's depthwise causal conv), built on first use by
+// dis_dist/ops/selective_scan/cpu.py. Semantics: dis_dist/ops/selective_scan/reference.py.
+//
+// Layout: channels last, as the mixer's projections produce them. u, delta (ndir, b, L, d);
+// A, initial/last states (ndir, [b,] N, d); B, C (ndir, b, L, N); D, delta bias (ndir, d);
+// z and the output (b, L, d). Direction 1 of a two-direction call scans right to left and the
+// directions' outputs are summed before the z gate.
+//
+// Work is split over blocks of W channels (one vector register of them); a block keeps its
+// N x W states in a local array the compiler holds in registers, so a step never writes state
+// to memory. The forward pass saves the states at chunk boundaries only; the backward pass
+// recomputes a chunk's states (and decays) from its boundary into a small buffer and runs the
+// reverse recurrence through it, last chunk first.
+#include <torch/extension.h>
+
+#include <ATen/Parallel.h>
+#include <immintrin.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <type_traits>
+#include <vector>
+
+namespace {
+
+constexpr int kMaxState = 64;
+
+// W lanes of T in one 64-byte vector (GCC/Clang vector extensions: one AVX-512 register, or
+// two AVX2 / four SSE registers on CPUs without it).
+template <typename T>
+struct Lanes {
+  static constexpr int W = 64 / sizeof(T);
+  typedef T V __attribute__((vector_size(64)));
+};
+using VF = Lanes<float>::V;
+using VD = Lanes<double>::V;
+typedef int32_t VI __attribute__((vector_size(64)));
+
+template <typename V>
+inline V splat(typename std::remove_reference<decltype(V{}[0])>::type x) {
+  return V{} + x;
+}
+
+template <typename T, typename V = typename Lanes<T>::V>
+inline V loadv(const T* p, int valid) {
+  V v;
+  if (valid == Lanes<T>::W) {
+    std::memcpy(&v, p, sizeof(V));
+  } else {
+    v = V{};
+    for (int w = 0; w < valid; ++w) v[w] = p[w];
+  }
+  return v;
+}
+
+template <typename T, typename V = typename Lanes<T>::V>
+inline void storev(T* p, V v, int valid) {
+  if (valid == Lanes<T>::W) {
+    std::memcpy(p, &v, sizeof(V));
+  } else {
+    for (int w = 0; w < valid; ++w) p[w] = v[w];
+  }
+}
+
+template <typename V>
+inline auto hsum(V v) {
+  auto s = v[0];
+  for (int w = 1; w < static_cast<int>(sizeof(V) / sizeof(s)); ++w) s += v[w];
+  return s;
+}
+
+// Sums of the lanes of 16 vectors at once: r[n] = sum over w of s[n][w] (a transpose-and-add
+// tree, 15 pair steps instead of 16 separate horizontal sums).
+inline VF lane_sums16(const VF* s) {
+  VF t[8], u[4], v[2];
+  for (int k = 0; k < 8; ++k)
+    t[k] = __builtin_shufflevector(s[2 * k], s[2 * k + 1], 0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23) +
+           __builtin_shufflevector(s[2 * k], s[2 * k + 1], 8, 9, 10, 11, 12, 13, 14, 15, 24, 25, 26, 27, 28, 29, 30, 31);
+  for (int k = 0; k < 4; ++k)
+    u[k] = __builtin_shufflevector(t[2 * k], t[2 * k + 1], 0, 1, 2, 3, 16, 17, 18, 19, 8, 9, 10, 11, 24, 25, 26, 27) +
+           __builtin_shufflevector(t[2 * k], t[2 * k + 1], 4, 5, 6, 7, 20, 21, 22, 23, 12, 13, 14, 15, 28, 29, 30, 31);
+  for (int k = 0; k < 2; ++k)
+    v[k] = __builtin_shufflevector(u[2 * k], u[2 * k + 1], 0, 1, 16, 17, 4, 5, 20, 21, 8, 9, 24, 25, 12, 13, 28, 29) +
+           __builtin_shufflevector(u[2 * k], u[2 * k + 1], 2, 3, 18, 19, 6, 7, 22, 23, 10, 11, 26, 27, 14, 15, 30, 31);
+  const VF r = __builtin_shufflevector(v[0], v[1], 0, 16, 2, 18, 4, 20, 6, 22, 8, 24, 10, 26, 12, 28, 14, 30) +
+               __builtin_shufflevector(v[0], v[1], 1, 17, 3, 19, 5, 21, 7, 23, 9, 25, 11, 27, 13, 29, 15, 31);
+  return __builtin_shufflevector(r, r, 0, 8, 4, 12, 2, 10, 6, 14, 1, 9, 5, 13, 3, 11, 7, 15);  // bit-reversed order
+}
+
+// row[n] += sum over lanes of s[n], n < N
+template <typename T, typename V, int NT>
+inline void add_lane_sums(T* row, const V* s, int N) {
+  if constexpr (std::is_same_v<T, float> && NT == 16) {
+    VF r;
+    std::memcpy(&r, row, sizeof(r));
+    r += lane_sums16(s);
+    std::memcpy(row, &r, sizeof(r));
+  } else {
+    for (int n = 0; n < N; ++n) row[n] += hsum(s[n]);
+  }
+}
+
+// exp over 16 floats: Cephes' expf (range reduction by ln 2, a degree-6 polynomial, about 1 ulp).
+inline VF vexp(VF x) {
+#if defined(__AVX512F__)
+  // scalef(p, n) = p * 2^n, exact down to 0 through the denormals: no clamping of n needed
+  const VF xc = x < -104.0f ? splat<VF>(-104.0f) : (x > 88.5f ? splat<VF>(88.5f) : x);
+  const VF fx = (VF)_mm512_roundscale_ps((__m512)(xc * 1.44269504088896341f), _MM_FROUND_TO_NEAREST_INT);
+#else
+  const VF xc = x < -87.0f ? splat<VF>(-87.0f) : (x > 88.0f ? splat<VF>(88.0f) : x);
+  const float magic = 12582912.0f;  // 1.5 * 2^23: adding it rounds to an integer
+  const VF t = xc * 1.44269504088896341f + magic;
+  const VF fx = t - magic;
+#endif
+  VF r = xc - fx * 0.693359375f;
+  r = r + fx * 2.12194440e-4f;
+  const VF r2 = r * r;
+  VF p = splat<VF>(1.9875691500e-4f);
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  p = p * r2 + r + 1.0f;
+#if defined(__AVX512F__)
+  return (VF)_mm512_scalef_ps((__m512)p, (__m512)fx);
+#else
+  const VI n = (VI)t - (VI)splat<VF>(magic);
+  const VF res = p * (VF)((n + 127) << 23);
+  return (VF)((VI)res & ~(VI)(x < -87.0f));  // 0 where expf would be denormal
+#endif
+}
+// double keeps std::exp per lane (the tests' precision, not a fast path)
+inline VD vexp(VD x) {
+  for (int w = 0; w < 8; ++w) x[w] = std::exp(x[w]);
+  return x;
+}
+
+// log1p over [0, 1] (what softplus needs): 2 atanh(y / (2 + y)) as its odd series.
+inline VF vlog1p_unit(VF y) {
+  const VF s = y / (2.0f + y);
+  const VF s2 = s * s;
+  VF p = splat<VF>(1.0f / 19);
+  for (const float c : {1.0f / 17, 1.0f / 15, 1.0f / 13, 1.0f / 11, 1.0f / 9, 1.0f / 7, 1.0f / 5, 1.0f / 3, 1.0f})
+    p = p * s2 + c;
+  return 2.0f * s * p;
+}
+inline VD vlog1p_unit(VD y) {
+  for (int w = 0; w < 8; ++w) y[w] = std::log1p(y[w]);
+  return y;
+}
+
+// torch's softplus (beta 1, threshold 20), as max(x, 0) + log1p(exp(-|x|))
+template <typename V>
+inline V softplus(V x) {
+  const V neg_abs = x < 0 ? x : -x;
+  const V sp = (x > 0 ? x : V{}) + vlog1p_unit(vexp(neg_abs));
+  return x > 20 ? x : sp;
+}
+
+// softplus and its derivative (torch's: exactly 1 above the threshold) from one exponential
+template <typename V>
+inline V softplus(V x, V& slope) {
+  const V neg_abs = x < 0 ? x : -x;
+  const V e = vexp(neg_abs);
+  const V inv = 1 / (1 + e);
+  slope = x > 20 ? V{} + 1 : (x < 0 ? e * inv : inv);
+  const V sp = (x > 0 ? x : V{}) + vlog1p_unit(e);
+  return x > 20 ? x : sp;
+}
+
+template <typename V>
+inline V sigmoid(V x) {
+  return 1 / (1 + vexp(-x));
+}
+
+template <typename T>
+struct Args {
+  const T* u;      // (ndir, b, L, d)
+  const T* delta;  // (ndir, b, L, d)
+  const T* A;      // (ndir, N, d)
+  const T* B;      // (ndir, b, L, N)
+  const T* C;      // (ndir, b, L, N)
+  const T* D;      // (ndir, d)
+  const T* bias;   // (ndir, d)
+  const T* z;      // (b, L, d) or null
+  const T* h0;     // (ndir, b, N, d) or null
+  int64_t ndir, batch, L, d, N, chunk, nchunks;
+  bool softplus;
+
+  int64_t row(int64_t dir, int64_t b, int64_t t) const { return (dir * batch + b) * L + t; }
+  // the sequence position of scan step s in direction dir
+  int64_t pos(int64_t dir, int64_t s) const { return dir == 1 ? L - 1 - s : s; }
+};
+
+// Consecutive steps read rows d channels apart, a stride the hardware prefetchers miss when it
+// is near a page: fetch the rows of the step kAhead steps on while this one computes.
+constexpr int64_t kAhead = 4;
+template <typename T>
+inline void prefetch_row(const T* base, int64_t row, int64_t d, int64_t c0) {
+  __builtin_prefetch(base + row * d + c0);
+}
+
+template <typename V>
+inline V delta_of(V raw, V bias, bool sp) {
+  return sp ? softplus(raw + bias) : raw + bias;
+}
+
+// Forward scan of one batch element for the block of channels c0 .. c0 + W: every direction,
+// summed, gated, written to out; last states and chunk-boundary states (when bounds) too.
+template <typename T, int NT>
+void scan_forward_block(const Args<T>& a, int64_t b, int64_t c0, T* out, T* last, T* bounds,
+                        typename Lanes<T>::V* ytot) {
+  using V = typename Lanes<T>::V;
+  constexpr int W = Lanes<T>::W;
+  constexpr int kN = NT > 0 ? NT : kMaxState;
+  const int N = NT > 0 ? NT : static_cast<int>(a.N);
+  const int valid = static_cast<int>(std::min<int64_t>(W, a.d - c0));
+  for (int64_t t = 0; t < a.L; ++t) ytot[t] = V{};
+  V h[kN], Ab[kN];
+  for (int64_t dir = 0; dir < a.ndir; ++dir) {
+    for (int n = 0; n < N; ++n) {
+      Ab[n] = loadv(a.A + (dir * N + n) * a.d + c0, valid);
+      h[n] = a.h0 ? loadv(a.h0 + ((dir * a.batch + b) * N + n) * a.d + c0, valid) : V{};
+    }
+    const V bias = loadv(a.bias + dir * a.d + c0, valid);
+    const V Dd = loadv(a.D + dir * a.d + c0, valid);
+    for (int64_t s = 0; s < a.L; ++s) {
+      if (bounds && s % a.chunk == 0) {
+        T* bp = bounds + (((dir * a.batch + b) * a.nchunks + s / a.chunk) * N) * a.d + c0;
+        for (int n = 0; n < N; ++n) storev(bp + n * a.d, h[n], valid);
+      }
+      const int64_t t = a.pos(dir, s);
+      const int64_t row = a.row(dir, b, t);
+      if (s + kAhead < a.L) {
+        const int64_t ahead = a.row(dir, b, a.pos(dir, s + kAhead));
+        prefetch_row(a.u, ahead, a.d, c0);
+        prefetch_row(a.delta, ahead, a.d, c0);
+      }
+      const V uu = loadv(a.u + row * a.d + c0, valid);
+      const V dt = delta_of(loadv(a.delta + row * a.d + c0, valid), bias, a.softplus);
+      const V du = dt * uu;
+      V y = Dd * uu;
+      const T* Bt = a.B + row * N;
+      const T* Ct = a.C + row * N;
+      for (int n = 0; n < N; ++n) {
+        h[n] = vexp(dt * Ab[n]) * h[n] + du * Bt[n];
+        y += h[n] * Ct[n];
+      }
+      ytot[t] += y;
+    }
+    if (last)
+      for (int n = 0; n < N; ++n) storev(last + ((dir * a.batch + b) * N + n) * a.d + c0, h[n], valid);
+  }
+  for (int64_t t = 0; t < a.L; ++t) {
+    T* o = out + (b * a.L + t) * a.d + c0;
+    if (a.z) {
+      const V zz = loadv(a.z + (b * a.L + t) * a.d + c0, valid);
+      storev(o, ytot[t] * zz * sigmoid(zz), valid);
+    } else {
+      storev(o, ytot[t], valid);
+    }
+  }
+}
+
+template <typename T>
+struct GradPtrs {
+  const T* bounds;  // (ndir, b, nchunks, N, d)
+  const T* gout;    // (b, L, d)
+  const T* glast;   // (ndir, b, N, d) or null
+  T *gu, *gdelta, *gA, *gB, *gC, *gD, *gbias, *gz, *gh0;  // gB, gC: this thread's part
+};
+
+// Backward pass for the block of channels c0 .. c0 + W, every batch element and direction.
+template <typename T, int NT>
+void scan_backward_block(const Args<T>& a, int64_t c0, const GradPtrs<T>& g_,
+                         std::vector<typename Lanes<T>::V>& buf) {
+  using V = typename Lanes<T>::V;
+  constexpr int W = Lanes<T>::W;
+  constexpr int kN = NT > 0 ? NT : kMaxState;
+  const int N = NT > 0 ? NT : static_cast<int>(a.N);
+  const int valid = static_cast<int>(std::min<int64_t>(W, a.d - c0));
+  const int64_t CH = a.chunk;
+  // a chunk's states before each step and after the last ((CH + 1) x N), its decays (CH x N),
+  // deltas, delta * u and softplus slopes (CH each); the output summed over directions (L, for dz)
+  buf.resize((CH + 1) * N + CH * N + 3 * CH + a.L);
+  V* states = buf.data();
+  V* decays = states + (CH + 1) * N;
+  V* dts = decays + CH * N;
+  V* dus = dts + CH;
+  V* slopes = dus + CH;  // d delta / d raw delta
+  V* ytot = slopes + CH;
+  V Ab[kN], g[kN], gA[kN];
+
+  for (int64_t b = 0; b < a.batch; ++b) {
+    for (int64_t t = 0; t < a.L; ++t) ytot[t] = V{};
+    for (int64_t dir = 0; dir < a.ndir; ++dir) {
+      for (int n = 0; n < N; ++n) {
+        Ab[n] = loadv(a.A + (dir * N + n) * a.d + c0, valid);
+        g[n] = g_.glast ? loadv(g_.glast + ((dir * a.batch + b) * N + n) * a.d + c0, valid) : V{};
+        gA[n] = b == 0 ? V{} : loadv(g_.gA + (dir * N + n) * a.d + c0, valid);
+      }
+      const V bias = loadv(a.bias + dir * a.d + c0, valid);
+      const V Dd = loadv(a.D + dir * a.d + c0, valid);
+      V gbias = b == 0 ? V{} : loadv(g_.gbias + dir * a.d + c0, valid);
+      V gD = b == 0 ? V{} : loadv(g_.gD + dir * a.d + c0, valid);
+      for (int64_t c = a.nchunks - 1; c >= 0; --c) {
+        const int64_t s0 = c * CH;
+        const int64_t len = std::min<int64_t>(CH, a.L - s0);
+        // recompute the chunk's states from its boundary
+        const T* bp = g_.bounds + (((dir * a.batch + b) * a.nchunks + c) * N) * a.d + c0;
+        for (int n = 0; n < N; ++n) states[n] = loadv(bp + n * a.d, valid);
+        for (int64_t i = 0; i < len; ++i) {
+          const int64_t t = a.pos(dir, s0 + i);
+          const int64_t row = a.row(dir, b, t);
+          if (i + kAhead < len) {
+            const int64_t ahead = a.row(dir, b, a.pos(dir, s0 + i + kAhead));
+            prefetch_row(a.u, ahead, a.d, c0);
+            prefetch_row(a.delta, ahead, a.d, c0);
+          }
+          const V uu = loadv(a.u + row * a.d + c0, valid);
+          const V raw = loadv(a.delta + row * a.d + c0, valid) + bias;
+          const V dt = a.softplus ? softplus(raw, slopes[i]) : raw;
+          const V du = dt * uu;
+          dts[i] = dt;
+          dus[i] = du;
+          V y = Dd * uu;
+          const T* Bt = a.B + row * N;
+          const T* Ct = a.C + row * N;
+          const V* hp = states + i * N;
+          V* hn = states + (i + 1) * N;
+          V* dA = decays + i * N;
+          for (int n = 0; n < N; ++n) {
+            dA[n] = vexp(dt * Ab[n]);
+            hn[n] = dA[n] * hp[n] + du * Bt[n];
+            y += hn[n] * Ct[n];
+          }
+          ytot[t] += y;
+        }
+        // the reverse recurrence through the chunk
+        for (int64_t i = len - 1; i >= 0; --i) {
+          const int64_t t = a.pos(dir, s0 + i);
+          const int64_t row = a.row(dir, b, t);
+          if (s0 + i >= kAhead) {
+            const int64_t t_ahead = a.pos(dir, s0 + i - kAhead);
+            prefetch_row(g_.gout, b * a.L + t_ahead, a.d, c0);
+            if (a.z) prefetch_row(a.z, b * a.L + t_ahead, a.d, c0);
+            if (i >= kAhead) {
+              prefetch_row(a.u, a.row(dir, b, t_ahead), a.d, c0);
+            }
+          }
+          V gy = loadv(g_.gout + (b * a.L + t) * a.d + c0, valid);
+          if (a.z) {
+            const V zz = loadv(a.z + (b * a.L + t) * a.d + c0, valid);
+            gy *= zz * sigmoid(zz);
+          }
+          const V uu = loadv(a.u + row * a.d + c0, valid);
+          const V dt = dts[i], du = dus[i];
+          const T* Bt = a.B + row * N;
+          const T* Ct = a.C + row * N;
+          const V* hp = states + i * N;
+          const V* hn = states + (i + 1) * N;
+          const V* dA = decays + i * N;
+          V gBu{}, gdt{}, sB[kN], sC[kN];
+          for (int n = 0; n < N; ++n) {
+            const V gn = g[n] + gy * Ct[n];  // dL/d(state after the step)
+            sC[n] = gy * hn[n];
+            sB[n] = gn * du;
+            gBu += gn * Bt[n];
+            const V q = gn * hp[n] * dA[n];  // dL/d(delta A)
+            gdt += q * Ab[n];
+            gA[n] += q * dt;
+            g[n] = gn * dA[n];
+          }
+          add_lane_sums<T, V, NT>(g_.gB + row * N, sB, N);
+          add_lane_sums<T, V, NT>(g_.gC + row * N, sC, N);
+          V graw = gdt + gBu * uu;
+          if (a.softplus) graw *= slopes[i];
+          storev(g_.gdelta + row * a.d + c0, graw, valid);
+          storev(g_.gu + row * a.d + c0, gBu * dt + gy * Dd, valid);
+          gbias += graw;
+          gD += gy * uu;
+        }
+      }
+      for (int n = 0; n < N; ++n) {
+        storev(g_.gh0 + ((dir * a.batch + b) * N + n) * a.d + c0, g[n], valid);
+        storev(g_.gA + (dir * N + n) * a.d + c0, gA[n], valid);
+      }
+      storev(g_.gbias + dir * a.d + c0, gbias, valid);
+      storev(g_.gD + dir * a.d + c0, gD, valid);
+    }
+    if (g_.gz) {
+      for (int64_t t = 0; t < a.L; ++t) {
+        const V go = loadv(g_.gout + (b * a.L + t) * a.d + c0, valid);
+        const V zz = loadv(a.z + (b * a.L + t) * a.d + c0, valid);
+        const V sg = sigmoid(zz);
+        storev(g_.gz + (b * a.L + t) * a.d + c0, go * ytot[t] * sg * (1 + zz * (1 - sg)), valid);
+      }
+    }
+  }
+}
+
+template <typename T>
+Args<T> make_args(const torch::Tensor& u, const torch::Tensor& delta, const torch::Tensor& A,
+                  const torch::Tensor& B, const torch::Tensor& C, const torch::Tensor& D,
+                  const torch::Tensor& bias, const c10::optional<torch::Tensor>& z,
+                  const c10::optional<torch::Tensor>& h0, bool softplus, int64_t chunk) {
+  Args<T> a;
+  a.u = u.data_ptr<T>();
+  a.delta = delta.data_ptr<T>();
+  a.A = A.data_ptr<T>();
+  a.B = B.data_ptr<T>();
+  a.C = C.data_ptr<T>();
+  a.D = D.data_ptr<T>();
+  a.bias = bias.data_ptr<T>();
+  a.z = z.has_value() ? z->data_ptr<T>() : nullptr;
+  a.h0 = h0.has_value() ? h0->data_ptr<T>() : nullptr;
+  a.ndir = u.size(0);
+  a.batch = u.size(1);
+  a.L = u.size(2);
+  a.d = u.size(3);
+  a.N = A.size(1);
+  a.chunk = chunk;
+  a.nchunks = (a.L + chunk - 1) / chunk;
+  a.softplus = softplus;
+  return a;
+}
+
+void check(const std::vector<torch::Tensor>& ts) {
+  for (const auto& t : ts) {
+    TORCH_CHECK(t.device().is_cpu(), "scan_cpu: tensors must be on the CPU");
+    TORCH_CHECK(t.is_contiguous(), "scan_cpu: tensors must be contiguous");
+    TORCH_CHECK(t.scalar_type() == ts[0].scalar_type(), "scan_cpu: tensors must share one dtype");
+  }
+}
+
+template <typename F>
+void dispatch_state(int64_t N, F&& f) {
+  TORCH_CHECK(N >= 1 && N <= kMaxState, "scan_cpu: d_state must be 1..", kMaxState, ", got ", N);
+  if (N == 16)
+    f(std::integral_constant<int, 16>{});
+  else
+    f(std::integral_constant<int, 0>{});
+}
+
+}  // namespace
+
+// Returns (out (b, L, d), last state (ndir, b, N, d), chunk-boundary states
+// (ndir, b, nchunks, N, d) or an empty tensor when not save_states).
+std::vector<torch::Tensor> scan_forward(torch::Tensor u, torch::Tensor delta, torch::Tensor A, torch::Tensor B,
+                                        torch::Tensor C, torch::Tensor D, torch::Tensor bias,
+                                        c10::optional<torch::Tensor> z, c10::optional<torch::Tensor> h0,
+                                        bool softplus, int64_t chunk, bool save_states) {
+  std::vector<torch::Tensor> all{u, delta, A, B, C, D, bias};
+  if (z) all.push_back(*z);
+  if (h0) all.push_back(*h0);
+  check(all);
+  TORCH_CHECK(chunk >= 1, "scan_cpu: chunk must be >= 1");
+  const int64_t ndir = u.size(0), batch = u.size(1), L = u.size(2), d = u.size(3), N = A.size(1);
+  const int64_t nchunks = (L + chunk - 1) / chunk;
+  auto out = torch::empty({batch, L, d}, u.options());
+  auto last = torch::empty({ndir, batch, N, d}, u.options());
+  auto bounds = save_states ? torch::empty({ndir, batch, nchunks, N, d}, u.options()) : torch::empty({0}, u.options());
+  AT_DISPATCH_FLOATING_TYPES(u.scalar_type(), "scan_forward", [&] {
+    constexpr int W = Lanes<scalar_t>::W;
+    const auto a = make_args<scalar_t>(u, delta, A, B, C, D, bias, z, h0, softplus, chunk);
+    const int64_t nblocks = (d + W - 1) / W;
+    scalar_t* o = out.data_ptr<scalar_t>();
+    scalar_t* l = last.data_ptr<scalar_t>();
+    scalar_t* bd = save_states ? bounds.data_ptr<scalar_t>() : nullptr;
+    dispatch_state(N, [&](auto nt) {
+      constexpr int NT = decltype(nt)::value;
+      at::parallel_for(0, batch * nblocks, 1, [&](int64_t begin, int64_t end) {
+        std::vector<typename Lanes<scalar_t>::V> ytot(L);
+        for (int64_t i = begin; i < end; ++i)
+          scan_forward_block<scalar_t, NT>(a, i / nblocks, (i % nblocks) * W, o, l, bd, ytot.data());
+      });
+    });
+  });
+  return {out, last, bounds};
+}
+
+// Returns the gradients (gu, gdelta, gA, gB, gC, gD, gbias, gz (empty without z), gh0).
+std::vector<torch::Tensor> scan_backward(torch::Tensor u, torch::Tensor delta, torch::Tensor A, torch::Tensor B,
+                                         torch::Tensor C, torch::Tensor D, torch::Tensor bias,
+                                         c10::optional<torch::Tensor> z, torch::Tensor bounds,
+                                         torch::Tensor gout, c10::optional<torch::Tensor> glast,
+                                         bool softplus, int64_t chunk) {
+  std::vector<torch::Tensor> all{u, delta, A, B, C, D, bias, bounds, gout};
+  if (z) all.push_back(*z);
+  if (glast) all.push_back(*glast);
+  check(all);
+  const int64_t ndir = u.size(0), batch = u.size(1), L = u.size(2), d = u.size(3), N = A.size(1);
+  auto gu = torch::empty_like(u), gdelta = torch::empty_like(delta);
+  auto gA = torch::empty_like(A), gD = torch::empty_like(D), gbias = torch::empty_like(bias);
+  auto gh0 = torch::empty({ndir, batch, N, d}, u.options());
+  auto gz = z ? torch::empty_like(*z) : torch::empty({0}, u.options());
+  // B and C gradients sum over channels, which the threads split: one buffer per thread
+  const int64_t nthreads = at::get_num_threads();
+  auto gB_parts = torch::zeros({nthreads, ndir, batch, L, N}, u.options());
+  auto gC_parts = torch::zeros({nthreads, ndir, batch, L, N}, u.options());
+  AT_DISPATCH_FLOATING_TYPES(u.scalar_type(), "scan_backward", [&] {
+    constexpr int W = Lanes<scalar_t>::W;
+    const auto a = make_args<scalar_t>(u, delta, A, B, C, D, bias, z, c10::nullopt, softplus, chunk);
+    const int64_t nblocks = (d + W - 1) / W;
+    const int64_t part = ndir * batch * L * N;
+    dispatch_state(N, [&](auto nt) {
+      constexpr int NT = decltype(nt)::value;
+      at::parallel_for(0, nblocks, 1, [&](int64_t begin, int64_t end) {
+        const int64_t tid = std::min<int64_t>(at::get_thread_num(), nthreads - 1);
+        GradPtrs<scalar_t> p{bounds.data_ptr<scalar_t>(), gout.data_ptr<scalar_t>(),
+                             glast ? glast->data_ptr<scalar_t>() : nullptr, gu.data_ptr<scalar_t>(),
+                             gdelta.data_ptr<scalar_t>(), gA.data_ptr<scalar_t>(),
+                             gB_parts.data_ptr<scalar_t>() + tid * part, gC_parts.data_ptr<scalar_t>() + tid * part,
+                             gD.data_ptr<scalar_t>(), gbias.data_ptr<scalar_t>(),
+                             z ? gz.data_ptr<scalar_t>() : nullptr, gh0.data_ptr<scalar_t>()};
+        std::vector<typename Lanes<scalar_t>::V> buf;
+        for (int64_t i = begin; i < end; ++i) scan_backward_block<scalar_t, NT>(a, i * W, p, buf);
+      });
+    });
+  });
+  return {gu, gdelta, gA, gB_parts.sum(0), gC_parts.sum(0), gD, gbias, gz, gh0};
+}
+
+namespace {
+
+template <typename T>
+void conv_forward_rows(const T* xp, const T* wp, const T* bp, T* op, int64_t sb, int64_t sl, int64_t L,
+                       int64_t d, int64_t K, bool reverse, int64_t begin, int64_t end) {
+  for (int64_t i = begin; i < end; ++i) {
+    const int64_t b = i / L, t = i % L;
+    T* o = op + i * d;
+#pragma omp simd
+    for (int64_t c = 0; c < d; ++c) o[c] = bp[c];
+    for (int64_t k = 0; k < K; ++k) {
+      const int64_t src = reverse ? t + (K - 1 - k) : t - (K - 1 - k);
+      if (src < 0 || src >= L) continue;
+      const T* xs = xp + b * sb + src * sl;
+      const T* w = wp + k * d;
+#pragma omp simd
+      for (int64_t c = 0; c < d; ++c) o[c] += w[c] * xs[c];
+    }
+  }
+}
+
+// gw: (K + 1, d) of this thread, row K the bias's gradient
+template <typename T>
+void conv_backward_rows(const T* xp, const T* gp, const T* wp, T* gxp, T* gw, int64_t sb, int64_t sl,
+                        int64_t gb, int64_t gl, int64_t L, int64_t d, int64_t K, bool reverse, int64_t begin,
+                        int64_t end) {
+  for (int64_t i = begin; i < end; ++i) {
+    const int64_t b = i / L, t = i % L;
+    const T* g = gp + b * gb + t * gl;
+    T* gxo = gxp + i * d;
+    T* gbias = gw + K * d;
+#pragma omp simd
+    for (int64_t c = 0; c < d; ++c) {
+      gxo[c] = T(0);
+      gbias[c] += g[c];
+    }
+    for (int64_t k = 0; k < K; ++k) {
+      // x[t] feeds output t + (K-1-k) (causal) or t - (K-1-k) (reverse) through weight k;
+      // output t reads x[t - (K-1-k)] (causal) or x[t + (K-1-k)] (reverse) through it
+      const int64_t dst = reverse ? t - (K - 1 - k) : t + (K - 1 - k);
+      const int64_t src = reverse ? t + (K - 1 - k) : t - (K - 1 - k);
+      const T* w = wp + k * d;
+      if (dst >= 0 && dst < L) {
+        const T* gd = gp + b * gb + dst * gl;
+#pragma omp simd
+        for (int64_t c = 0; c < d; ++c) gxo[c] += w[c] * gd[c];
+      }
+      if (src >= 0 && src < L) {
+        const T* xs = xp + b * sb + src * sl;
+        T* gwk = gw + k * d;
+#pragma omp simd
+        for (int64_t c = 0; c < d; ++c) gwk[c] += g[c] * xs[c];
+      }
+    }
+  }
+}
+
+}  // namespace
+
+// Depthwise conv over the sequence, channels last: x (b, L, d) with unit channel stride, weight
+// (d, K), bias (d). Causal (output t sees x[t-K+1 .. t]) or, reverse, anti-causal with the
+// kernel read backwards (output t sees x[t .. t+K-1], weight[K-1] on x[t]): the causal conv of
+// the reversed sequence, reversed back. Returns a contiguous (b, L, d).
+torch::Tensor conv_forward(torch::Tensor x, torch::Tensor weight, torch::Tensor bias, bool reverse) {
+  TORCH_CHECK(x.dim() == 3 && x.stride(2) == 1, "conv_cpu: x must be (b, L, d) with unit channel stride");
+  const int64_t batch = x.size(0), L = x.size(1), d = x.size(2), K = weight.size(1);
+  auto wt = weight.t().contiguous();  // (K, d)
+  auto bc = bias.contiguous();
+  auto out = torch::empty({batch, L, d}, x.options());
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "conv_forward", [&] {
+    at::parallel_for(0, batch * L, 16, [&](int64_t begin, int64_t end) {
+      conv_forward_rows<scalar_t>(x.data_ptr<scalar_t>(), wt.data_ptr<scalar_t>(), bc.data_ptr<scalar_t>(),
+                                  out.data_ptr<scalar_t>(), x.stride(0), x.stride(1), L, d, K, reverse, begin, end);
+    });
+  });
+  return out;
+}
+
+// Gradients of conv_forward: (gx (b, L, d), gweight (d, K), gbias (d)).
+std::vector<torch::Tensor> conv_backward(torch::Tensor x, torch::Tensor weight, torch::Tensor gout, bool reverse) {
+  TORCH_CHECK(x.stride(2) == 1 && gout.stride(2) == 1, "conv_cpu: unit channel stride expected");
+  const int64_t batch = x.size(0), L = x.size(1), d = x.size(2), K = weight.size(1);
+  auto wt = weight.t().contiguous();
+  auto gx = torch::empty({batch, L, d}, x.options());
+  const int64_t nthreads = at::get_num_threads();
+  auto gw_parts = torch::zeros({nthreads, K + 1, d}, x.options());  // row K: the bias
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "conv_backward", [&] {
+    at::parallel_for(0, batch * L, 16, [&](int64_t begin, int64_t end) {
+      const int64_t tid = std::min<int64_t>(at::get_thread_num(), nthreads - 1);
+      conv_backward_rows<scalar_t>(x.data_ptr<scalar_t>(), gout.data_ptr<scalar_t>(), wt.data_ptr<scalar_t>(),
+                                   gx.data_ptr<scalar_t>(), gw_parts.data_ptr<scalar_t>() + tid * (K + 1) * d,
+                                   x.stride(0), x.stride(1), gout.stride(0), gout.stride(1), L, d, K, reverse,
+                                   begin, end);
+    });
+  });
+  auto gsum = gw_parts.sum(0);
+  return {gx, gsum.slice(0, 0, K).t().contiguous(), gsum[K].contiguous()};
+}
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("scan_forward", &scan_forward, "selective scan forward (channels last)");
+  m.def("scan_backward", &scan_backward, "selective scan backward (channels last)");
+  m.def("conv_forward", &conv_forward, "depthwise causal conv1d forward (channels last)");
+  m.def("conv_backward", &conv_backward, "depthwise causal conv1d backward (channels last)");
+}
