@@ -14,8 +14,9 @@ import pytest
 import torch
 
 IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
-# Most tests run the chunked scan eagerly (same results, no compile per test shape);
-# tests of the compiled path set it themselves.
+# The scan backend is auto (the native cpu kernel, built once into $TORCH_EXTENSIONS_DIR); tests
+# that name the chunked backend run it eagerly (same results, no compile per test shape), and
+# tests of its compiled path set this themselves.
 os.environ.setdefault("DIS_SCAN_COMPILE", "0")
 # Cached reference statistics of evaluations go to a directory of this session, not ~/.cache.
 os.environ.setdefault("DIS_DIST_CACHE", tempfile.mkdtemp(prefix="dis_dist_test_cache_"))

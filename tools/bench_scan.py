@@ -244,7 +244,7 @@ def main(argv: list[str] | None = None) -> None:
         for backend in backends:
             ips = demo_throughput(backend, args.demo_steps)
             base = base or ips
-            print(f"  {backend:<10} {ips:8.1f} img/s   {ips / base:.2f}x reference", flush=True)
+            print(f"  {backend:<10} {ips:8.1f} img/s   {ips / base:.2f}x {backends[0]}", flush=True)
 
 
 if __name__ == "__main__":

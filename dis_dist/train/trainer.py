@@ -76,7 +76,7 @@ class Trainer:
     def __init__(self, cfg: RunConfig, env: DistEnv | None = None) -> None:
         self.env = env or init_distributed(cfg.dist.strategy, cfg.train.device, cfg.dist.timeout_min)
         validate(cfg, self.env.world_size)
-        if self.env.device.type == "cpu":
+        if self.env.device.type == "cpu" and self.env.world_size > 1:
             bound_host_heap()
         self.cfg = cfg
         self.run_dir = Path(cfg.run_dir)
