@@ -158,11 +158,18 @@ if __name__ == "__main__":
 """
 
 
-def _running(pid: int) -> bool:
+def _stat(pid: int) -> list[str] | None:
+    """/proc/PID/stat's fields after the command name (state first), or None when gone."""
     try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     except FileNotFoundError:
-        return False
+        return None
+
+
+def _running(pid: int, started: str) -> bool:
+    """The process ``pid`` that started at ``started`` (a reused pid is another process) runs."""
+    fields = _stat(pid)
+    return fields is not None and fields[19] == started and fields[0] != "Z"
 
 
 def test_loader_workers_exit_when_their_rank_is_killed(tmp_path):
@@ -175,11 +182,16 @@ def test_loader_workers_exit_when_their_rank_is_killed(tmp_path):
     script.write_text(KILLED_RANK)
     proc = subprocess.Popen([sys.executable, str(script), str(cache)], cwd=ROOT, stdout=subprocess.PIPE, text=True)
     workers = [int(pid) for pid in proc.stdout.readline().split()]
+    started = {pid: (_stat(pid) or [""] * 20)[19] for pid in workers}  # start times tell reused pids apart
     assert proc.wait(timeout=60) == -9 and len(workers) == 2
+
+    def alive() -> bool:
+        return any(_running(pid, started[pid]) for pid in workers)
+
     deadline = time.monotonic() + 30  # the workers look for their parent every 5 s
-    while any(map(_running, workers)) and time.monotonic() < deadline:
+    while alive() and time.monotonic() < deadline:
         time.sleep(0.5)
-    assert not any(map(_running, workers))
+    assert not alive()
     assert proc.stdout.read() == ""  # EOF: no worker holds the pipe open any more
     proc.stdout.close()
 

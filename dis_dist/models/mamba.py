@@ -153,8 +153,11 @@ class BiMamba(nn.Module):
         # The backward branch is computed on the sequence as it is and scanned right to left.
         backend = resolve_backend(self.scan_backend, x.device).name
         native = backend == "cpu" and not torch.is_autocast_enabled(x.device.type)
-        branches = zip(self.fwd(x, halo=left, native_conv=native), self.bwd(x, True, right, native_conv=native))
-        u, delta, A, B, C, D, delta_bias = (_stack(pair, channels_last=backend == "cpu") for pair in branches)
+        # (One expression: no name keeps the branches' outputs alive past their stacking.)
+        u, delta, A, B, C, D, delta_bias = (
+            _stack(pair, channels_last=backend == "cpu")
+            for pair in zip(self.fwd(x, halo=left, native_conv=native), self.bwd(x, True, right, native_conv=native))
+        )
         scan, group = bidirectional_selective_scan, {}
         if self.cp_group is not None:
             scan, group = cp_bidirectional_selective_scan, {"group": self.cp_group}
