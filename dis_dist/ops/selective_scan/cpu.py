@@ -1,7 +1,7 @@
 """Native CPU selective scan (C++, ``csrc/scan_cpu.cpp``) and the mixer's depthwise causal conv.
 
 Built on first use with ``torch.utils.cpp_extension.load`` into ``$TORCH_EXTENSIONS_DIR`` (the
-cache the Makefile also gives DeepSpeed's ops; about a minute, once per machine type), for the
+cache the Makefile also gives DeepSpeed's ops; about half a minute, once per machine type), for the
 host's vector instructions. Channels last: the kernel reads (batch, L, d) rows, as the mixer's
 projections write them, so the mixer's inputs reach it without copies. Per block of 16 fp32
 channels (8 fp64), the block's N states stay in registers through the sequence; the forward
@@ -64,7 +64,7 @@ def _build() -> ModuleType | str:
     name = f"dis_scan_cpu_{_host_tag()}"
     build_dir = Path(cpp_extension._get_build_directory(name, verbose=False))
     if not (build_dir / f"{name}.so").exists():
-        log.info("building the native CPU scan kernel (once, about a minute) in %s", build_dir)
+        log.info("building the native CPU scan kernel (once, about half a minute) in %s", build_dir)
     try:
         return cpp_extension.load(
             name=name, sources=[str(SOURCE)], extra_cflags=CFLAGS, extra_ldflags=["-fopenmp"], verbose=False,
