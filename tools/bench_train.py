@@ -29,7 +29,7 @@ from dis_dist.diffusion import create_diffusion  # noqa: E402
 from dis_dist.dist.env import DistEnv, init_distributed  # noqa: E402
 from dis_dist.dist.strategy import build_strategy  # noqa: E402
 from dis_dist.models import build_model  # noqa: E402
-from dis_dist.models.flops import model_flops  # noqa: E402
+from dis_dist.models.flops import count_parameters, model_flops  # noqa: E402
 from dis_dist.plan import FRAGMENTATION, GB, RESERVE_GB, SETTINGS, estimate  # noqa: E402
 from dis_dist.train.metrics import peak_flops, peak_memory_gb  # noqa: E402
 
@@ -101,7 +101,7 @@ def main(argv: list[str] | None = None) -> int:
     cfg.train.global_batch = args.micro_batch * env.world_size
     spec = {"name": args.model, "input_size": args.latent, "in_channels": 4, "num_classes": 1000}
     device = env.device
-    params = sum(p.numel() for p in build_model(**spec).parameters())
+    params = count_parameters(**spec)  # on the meta device: no second model in memory
     flops = 3 * model_flops(**spec).total
     peak = peak_flops(device, args.precision)
     setting = {"single": "ddp", "ddp": "ddp", "deepspeed": f"zero{args.zero_stage}"}.get(args.strategy, "fsdp")
