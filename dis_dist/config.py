@@ -50,6 +50,7 @@ class DataConfig:
 class DiffusionConfig:
     num_steps: int = 1000
     schedule: Literal["linear", "cosine"] = "linear"
+    min_snr_gamma: float = 0.0  # > 0: Min-SNR loss weights min(SNR, gamma) / SNR (5 is usual); 0: off, as DiT
 
 
 @dataclass
@@ -89,6 +90,7 @@ class SampleConfig:
     ddim_eta: float = 0.0
     cfg_scale: float = 1.0  # classifier-free guidance scale; 1 = none
     cfg_channels: Literal["all", "first3"] = "all"
+    cfg_interval: list[int] = field(default_factory=lambda: [0, 1000])  # guided model timesteps [lo, hi)
     clip_denoised: bool = False  # clip predicted x0 to [-1, 1] (pixel space)
     seed: int = 0  # fixed noise and labels, so grids are comparable across the run
 
@@ -336,6 +338,11 @@ def validate(cfg: RunConfig, world_size: int | None = None) -> None:
             raise ConfigError(f"{key} must be in [0, 1), got {value}")
     if len(cfg.optim.betas) != 2 or not all(0.0 <= b < 1.0 for b in cfg.optim.betas):
         raise ConfigError(f"optim.betas must be two numbers in [0, 1), got {cfg.optim.betas}")
+    interval = cfg.sample.cfg_interval
+    if len(interval) != 2 or not 0 <= interval[0] < interval[1]:
+        raise ConfigError(f"sample.cfg_interval must be [lo, hi] timesteps, 0 <= lo < hi, got {interval}")
+    if cfg.diffusion.min_snr_gamma < 0:
+        raise ConfigError(f"diffusion.min_snr_gamma must be >= 0, got {cfg.diffusion.min_snr_gamma}")
     if cfg.data.source == "shards" and not cfg.data.url:
         raise ConfigError("data.source='shards' needs data.url, the directory of the cache")
     if cfg.data.num_workers < 0 or cfg.data.shuffle_buffer < 1:

@@ -50,6 +50,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--eta", type=float, default=0.0, help="DDIM eta")
     p.add_argument("--cfg-scale", type=float, default=1.0, help="classifier-free guidance scale (1: none)")
     p.add_argument("--cfg-channels", choices=("all", "first3"), default="all")
+    p.add_argument("--cfg-interval", type=int, nargs=2, default=(0, 1000), metavar=("LO", "HI"),
+                   help="guide only the model timesteps LO <= t < HI (default: 0 1000, every step)")
     p.add_argument("--clip-denoised", action="store_true", help="clip predicted x0 to [-1, 1] (pixel models)")
     p.add_argument("--raw", action="store_true", help="a checkpoint's raw weights instead of its EMA")
     p.add_argument("--vae", default=None, help="decode with this VAE (hub id or local directory) instead of "
@@ -68,7 +70,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def _settings(args: argparse.Namespace) -> SampleSettings:
     return SampleSettings(
         sampler=args.sampler, steps=args.steps, eta=args.eta, cfg_scale=args.cfg_scale,
-        cfg_channels=args.cfg_channels, clip_denoised=args.clip_denoised, seed=args.seed, labels=args.labels,
+        cfg_channels=args.cfg_channels, cfg_interval=tuple(args.cfg_interval), clip_denoised=args.clip_denoised,
+        seed=args.seed, labels=args.labels,
     )
 
 
@@ -129,6 +132,7 @@ def run(args: argparse.Namespace) -> Path | None:
     record = {"model": str(Path(args.model).resolve()), "checkpoint": info.get("checkpoint"),
               "weights": info.get("weights"), "num": args.num_samples, "batch_size": args.batch_size,
               **asdict(settings)}
+    record = json.loads(json.dumps(record))  # as sampling.json holds it (tuples as lists)
     if env.is_main and not (out / SETTINGS_FILE).is_file():  # the first run records its settings
         out.mkdir(parents=True, exist_ok=True)
         (out / SETTINGS_FILE).write_text(json.dumps(record, indent=2))

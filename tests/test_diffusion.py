@@ -112,6 +112,25 @@ def test_training_losses_terms_and_stop_gradient():
     assert set(terms) == {"loss", "mse"}
 
 
+def test_min_snr_weights_the_mse_only():
+    """Min-SNR: the MSE of step t counts min(SNR_t, gamma) / SNR_t; high-noise steps (SNR below gamma)
+    keep weight 1; "mse" stays the unweighted term; the VLB is untouched."""
+    x0 = torch.randn(4, 2, 4, 4)
+    noise = torch.randn_like(x0)
+    t = torch.tensor([0, 50, 500, 999])
+    out = torch.randn(4, 4, 4, 4)
+    plain = create_diffusion().training_losses(lambda x, ts: out, x0, t, noise=noise)
+    d = create_diffusion(min_snr_gamma=5.0)
+    terms = d.training_losses(lambda x, ts: out, x0, t, noise=noise)
+    ac = d.alphas_cumprod[t]
+    snr = ac / (1 - ac)
+    weight = (snr.clamp(max=5.0) / snr).float()
+    assert weight[0] < 1e-3 and weight[-1] == 1.0  # t=0: SNR ~1e4; t=999: SNR ~4e-5
+    assert torch.equal(terms["mse"], plain["mse"])
+    assert torch.equal(terms["vb"], plain["vb"])
+    assert torch.allclose(terms["loss"], weight * plain["mse"] + plain["vb"])
+
+
 def test_space_timesteps_and_respacing_keep_alphas_cumprod():
     assert space_timesteps(1000, "ddim50") == list(range(0, 1000, 20))
     kept = space_timesteps(1000, "250")
@@ -180,6 +199,33 @@ def test_guidance_scale_reaches_the_output():
     assert not torch.allclose(dit[:, :3], y.float().view(-1, 1, 1, 1).expand(2, 3, 2, 2))
     with pytest.raises(ConfigError):
         guided_model(_two_headed_model, 2.0, null_class=null, in_channels=4, channels="some")
+
+
+def test_guidance_interval_guides_only_its_timesteps():
+    """Inside [lo, hi) the guided eps; outside it the conditional output alone, from one forward
+    pass (no null-class batch); a batch straddling the bound gets each sample's own."""
+    x, y = torch.zeros(2, 4, 2, 2), torch.tensor([3, 1])
+    null, scale = 10, 4.0
+    batches = []
+
+    def model(x, t, y):
+        batches.append(len(y))
+        return _two_headed_model(x, t, y)
+
+    f = guided_model(model, scale, null_class=null, in_channels=4, interval=(100, 700))
+    guided_eps = (null + scale * (y.float() - null)).view(-1, 1, 1, 1)
+    cond_eps = y.float().view(-1, 1, 1, 1)
+    for step, inside in ((99, False), (100, True), (699, True), (700, False)):
+        batches.clear()
+        out = f(x, torch.tensor([step, step]), y)
+        assert torch.allclose(out[:, :4], (guided_eps if inside else cond_eps).expand(2, 4, 2, 2))
+        assert torch.allclose(out[:, 4:], cond_eps.expand(2, 4, 2, 2))
+        assert batches == ([4] if inside else [2])
+    mixed = f(x, torch.tensor([50, 500]), y)
+    assert torch.allclose(mixed[0, :4], cond_eps[0].expand(4, 2, 2))
+    assert torch.allclose(mixed[1, :4], guided_eps[1].expand(4, 2, 2))
+    with pytest.raises(ConfigError):
+        guided_model(model, scale, null_class=null, in_channels=4, interval=(500, 500))
 
 
 def test_guided_sampling_differs_from_unguided():

@@ -3,7 +3,8 @@
 
 Prints one table: backend, shape, dtype, forward ms, forward+backward ms, the scan's activation
 memory (bytes it keeps for the backward pass beyond its inputs), and the ratios to
-``reference`` measured in the same run (medians of ``--repeats``). On a GPU it adds the floor:
+``reference`` measured in the same run (medians of ``--repeats`` rounds, each running every
+backend once in turn). On a GPU it adds the floor:
 the bytes that must move (inputs read once, outputs written once) over the measured copy
 bandwidth, and the forward time as a multiple of it. ``--demo`` also times the demo trainer
 (images/s) with each backend.
@@ -90,16 +91,18 @@ def activation_bytes(fn, inputs: dict[str, torch.Tensor]) -> int:
     return sum(storages.values())
 
 
-def time_backend(backend: str, shape: Shape, dtype: torch.dtype, device: torch.device, repeats: int) -> dict:
+def _runner(backend: str, shape: Shape, dtype: torch.dtype, device: torch.device):
+    """One timed repeat of ``backend``: returns (forward s, forward+backward s)."""
     inputs = make_inputs(shape, dtype, device)
 
     def run() -> torch.Tensor:
         return selective_scan(**inputs, delta_softplus=True, backend=backend)
 
     grad = torch.randn(shape.batch, shape.length, shape.d_inner, device=device, dtype=dtype).transpose(1, 2)
-    run().backward(grad)  # warm-up (and compilation, for compiled kernels)
-    fwd, total = [], []
-    for _ in range(repeats):
+
+    def once() -> tuple[float, float]:
+        for t in inputs.values():  # as an optimiser's zero_grad(set_to_none=True): nothing accumulates
+            t.grad = None
         _sync(device)
         t0 = time.perf_counter()
         with torch.no_grad():
@@ -108,13 +111,31 @@ def time_backend(backend: str, shape: Shape, dtype: torch.dtype, device: torch.d
         t1 = time.perf_counter()
         run().backward(grad)
         _sync(device)
-        t2 = time.perf_counter()
-        fwd.append(t1 - t0)
-        total.append(t2 - t1)
+        return t1 - t0, time.perf_counter() - t1
+
+    once()  # warm-up (and compilation, for compiled kernels)
+    return once, lambda: activation_bytes(run, inputs)
+
+
+def time_backends(backends: list[str], shape: Shape, dtype: torch.dtype, device: torch.device,
+                  repeats: int) -> dict[str, dict]:
+    """Medians over ``repeats`` rounds; each round runs every backend (and, on a CPU, the exp
+    floor, as "exp floor") once, in turn, so that a noisy neighbour slows all of them alike
+    rather than whichever was running."""
+    runners = {b: _runner(b, shape, dtype, device) for b in backends}
+    if device.type == "cpu":
+        runners["exp floor"] = _exp_floor_runner(shape)
+    times: dict[str, list[tuple[float, float]]] = {b: [] for b in runners}
+    for _ in range(repeats):
+        for b, (once, _) in runners.items():
+            times[b].append(once())
     return {
-        "fwd_ms": statistics.median(fwd) * 1e3,
-        "total_ms": statistics.median(total) * 1e3,
-        "act_mb": activation_bytes(run, inputs) / 2**20,
+        b: {
+            "fwd_ms": statistics.median(t[0] for t in times[b]) * 1e3,
+            "total_ms": statistics.median(t[1] for t in times[b]) * 1e3,
+            "act_mb": runners[b][1]() / 2**20,
+        }
+        for b in runners
     }
 
 
@@ -132,18 +153,19 @@ def copy_bandwidth(device: torch.device) -> float:
     return 2 * x.numel() * 4 * 10 / (time.perf_counter() - t0)
 
 
-def exp_floor_ms(shape: Shape, repeats: int) -> float:
+def _exp_floor_runner(shape: Shape):
     """The CPU floor: ``torch.exp`` over one decay per (batch, channel, step, state), the
     exponentials one scan pass must evaluate (fp32, into a preallocated output)."""
     x = -torch.rand(shape.batch * shape.d_inner * shape.length * shape.d_state)
     out = torch.empty_like(x)
     torch.exp(x, out=out)
-    times = []
-    for _ in range(repeats):
+
+    def once() -> tuple[float, float]:
         t0 = time.perf_counter()
         torch.exp(x, out=out)
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times) * 1e3
+        return (time.perf_counter() - t0,) * 2
+
+    return once, lambda: 0
 
 
 def floor_ms(shape: Shape, dtype: torch.dtype, bandwidth: float) -> float:
@@ -196,7 +218,7 @@ def main(argv: list[str] | None = None) -> None:
             sys.exit(f"backend {b!r} cannot run on {device}; available: {', '.join(sorted(usable))}")
     bandwidth = copy_bandwidth(device) if device.type == "cuda" else None
     print(f"device {device} ({torch.get_num_threads()} threads), dtype {args.dtype}, "
-          f"median of {args.repeats}; activation memory = bytes saved for backward beyond the inputs")
+          f"median of {args.repeats} rounds; activation memory = bytes saved for backward beyond the inputs")
     if bandwidth:
         print(f"copy bandwidth {bandwidth / 1e9:.0f} GB/s")
     cols = f"{'shape':<15} {'b x d x L':>16} {'backend':<10} {'fwd ms':>9} {'fwd+bwd ms':>11} {'act MB':>9} " \
@@ -210,13 +232,15 @@ def main(argv: list[str] | None = None) -> None:
     for key in args.shapes.split(","):
         shape = SHAPES[key]
         ref = chunked = None
-        exp_floor = exp_floor_ms(shape, args.repeats) if device.type == "cpu" else None
+        dims = f"{shape.batch}x{shape.d_inner}x{shape.length}"
+        timed = [b for b in backends if not (b == "reference" and shape.length > args.skip_reference_above)]
+        results = time_backends(timed, shape, dtype, device, args.repeats)
+        exp_floor = results["exp floor"]["fwd_ms"] if "exp floor" in results else None
         for backend in backends:
-            dims = f"{shape.batch}x{shape.d_inner}x{shape.length}"
-            if backend == "reference" and shape.length > args.skip_reference_above:
+            if backend not in results:
                 print(f"{shape.name:<15} {dims:>16} {backend:<10} {'(skipped: --skip-reference-above)':>40}")
                 continue
-            r = time_backend(backend, shape, dtype, device, args.repeats)
+            r = results[backend]
             if backend == "reference":
                 ref = r
             if backend == "chunked":

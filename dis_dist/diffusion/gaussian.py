@@ -42,10 +42,13 @@ class GaussianDiffusion:
     learn_sigma: the model outputs 2C channels (eps, variance interpolation v in [-1, 1]);
     otherwise C channels (eps) and the fixed-large variance is used.
     timestep_map: for a respaced process, the base timestep of each of its steps.
+    min_snr_gamma: > 0 weights each sample's MSE by min(SNR_t, gamma) / SNR_t (Min-SNR, Hang et
+    al. 2023: low-noise steps count less); 0 leaves it unweighted, as DiT.
     """
 
     def __init__(
-        self, betas: Tensor, *, learn_sigma: bool = True, timestep_map: Tensor | None = None
+        self, betas: Tensor, *, learn_sigma: bool = True, timestep_map: Tensor | None = None,
+        min_snr_gamma: float = 0.0,
     ) -> None:
         betas = betas.to(torch.float64)
         if len(betas) < 2:  # the posterior variance at t=1 is the first step's: there must be one
@@ -53,6 +56,7 @@ class GaussianDiffusion:
         self.betas = betas
         self.num_timesteps = len(betas)
         self.learn_sigma = learn_sigma
+        self.min_snr_gamma = min_snr_gamma
         self.timestep_map = (
             timestep_map if timestep_map is not None else torch.arange(self.num_timesteps)
         )
@@ -178,13 +182,17 @@ class GaussianDiffusion:
         channels = x_start.shape[1]
         eps = out[:, :channels]
         terms = {"mse": mean_flat((noise - eps) ** 2)}
+        mse = terms["mse"]
+        if self.min_snr_gamma > 0:
+            snr = _extract(self.alphas_cumprod / (1.0 - self.alphas_cumprod), t, mse)
+            mse = mse * snr.clamp(max=self.min_snr_gamma) / snr
         if self.learn_sigma:
             # The VLB trains only the variance: the mean's gradient comes from the MSE alone.
             frozen = torch.cat([eps.detach(), out[:, channels:]], dim=1)
             terms["vb"] = self.vb_terms_bpd(frozen, x_start, x_t, t)
-            terms["loss"] = terms["mse"] + terms["vb"]
+            terms["loss"] = mse + terms["vb"]
         else:
-            terms["loss"] = terms["mse"]
+            terms["loss"] = mse
         return terms
 
     # -- sampling -----------------------------------------------------------------------

@@ -25,6 +25,7 @@ def sample(
     ddim_eta: float = 0.0,
     cfg_scale: float = 1.0,
     cfg_channels: str = "all",
+    cfg_interval: tuple[int, int] = (0, 1000),
     clip_denoised: bool = False,
     generator: Generators = None,
 ) -> Tensor:
@@ -36,7 +37,8 @@ def sample(
         if null_class is None:
             raise ValueError("null_class is needed to sample a class-conditional model")
         model = guided_model(
-            model, cfg_scale, null_class=null_class, in_channels=noise.shape[1], channels=cfg_channels
+            model, cfg_scale, null_class=null_class, in_channels=noise.shape[1], channels=cfg_channels,
+            interval=tuple(cfg_interval),
         )
         kwargs = {"y": labels}
     steps = diffusion.p_sample_loop_progressive(

@@ -30,6 +30,7 @@ class SampleSettings:
     eta: float = 0.0  # ddim only
     cfg_scale: float = 1.0
     cfg_channels: str = "all"
+    cfg_interval: tuple[int, int] = (0, 1000)  # model timesteps [lo, hi) that are guided
     clip_denoised: bool = False
     seed: int = 0
     labels: str = "uniform"  # uniform (random per sample), balanced (i % classes), or "3" / "0,1,7"
@@ -74,7 +75,8 @@ def generate(
         latents = sample(
             model, diffusion, noise, labels=labels, null_class=num_classes or None,
             sampler=settings.sampler, ddim_eta=settings.eta, cfg_scale=settings.cfg_scale,
-            cfg_channels=settings.cfg_channels, clip_denoised=settings.clip_denoised, generator=gens,
+            cfg_channels=settings.cfg_channels, cfg_interval=settings.cfg_interval,
+            clip_denoised=settings.clip_denoised, generator=gens,
         )
     images = to_uint8(decode(latents.float()))
     if images.shape[-1] == 1:

@@ -28,7 +28,8 @@ def sample_settings(cfg: RunConfig) -> SampleSettings:
     sc = cfg.sample
     return SampleSettings(
         sampler=sc.sampler, steps=sc.steps, eta=sc.ddim_eta, cfg_scale=sc.cfg_scale,
-        cfg_channels=sc.cfg_channels, clip_denoised=sc.clip_denoised, seed=sc.seed, labels="balanced",
+        cfg_channels=sc.cfg_channels, cfg_interval=tuple(sc.cfg_interval), clip_denoised=sc.clip_denoised,
+        seed=sc.seed, labels="balanced",
     )
 
 

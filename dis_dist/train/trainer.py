@@ -113,7 +113,8 @@ class Trainer:
         self.flops_per_image = 3 * model_flops(**self.model_spec).total
         diff = cfg.diffusion
         self.diffusion = create_diffusion(
-            num_steps=diff.num_steps, schedule=diff.schedule, learn_sigma=cfg.model.learn_sigma
+            num_steps=diff.num_steps, schedule=diff.schedule, learn_sigma=cfg.model.learn_sigma,
+            min_snr_gamma=diff.min_snr_gamma,
         )
         self.sample_diffusion = create_diffusion(
             cfg.sample.steps, num_steps=diff.num_steps, schedule=diff.schedule,
