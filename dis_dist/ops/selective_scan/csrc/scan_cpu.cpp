@@ -106,7 +106,8 @@ inline void add_lane_sums(T* row, const V* s, int N) {
 inline VF vexp(VF x) {
 #if defined(__AVX512F__)
   // scalef(p, n) = p * 2^n saturates to inf and, through the denormals, to 0: only x far below
-  // the range needs clamping (its reduced argument would not be small)
+  // the range needs clamping (its reduced argument would not be small). x = +inf gives NaN, not
+  // inf: non-finite either way, and the scan's decays are exp(delta * A) <= 1.
   const VF xc = x < -104.0f ? splat<VF>(-104.0f) : x;
   const VF fx = (VF)_mm512_roundscale_ps((__m512)(xc * 1.44269504088896341f), _MM_FROUND_TO_NEAREST_INT);
 #else
