@@ -152,7 +152,10 @@ from dis_dist.data.stream import StreamLoader, StreamSpec
 
 if __name__ == "__main__":
     loader = StreamLoader(StreamSpec(url=sys.argv[1], batch_size=2, num_workers=2))
-    next(loader)
+    if sys.argv[2] == "started":
+        next(loader)
+    else:
+        loader._start()  # workers spawned, still importing torch when their rank dies
     print(" ".join(str(p.pid) for p in multiprocessing.active_children()), flush=True)
     os.kill(os.getpid(), signal.SIGKILL)  # as the OOM killer or a lost node would
 """
@@ -172,15 +175,18 @@ def _running(pid: int, started: str) -> bool:
     return fields is not None and fields[19] == started and fields[0] != "Z"
 
 
-def test_loader_workers_exit_when_their_rank_is_killed(tmp_path):
+@pytest.mark.parametrize("killed", ["started", "starting"])
+def test_loader_workers_exit_when_their_rank_is_killed(tmp_path, killed):
     """A killed rank's DataLoader workers see it gone and exit (they once outlived it, holding
-    their memory and the launcher's output pipe, when a fork server was their parent)."""
+    their memory and the launcher's output pipe, when a fork server was their parent; and when
+    the rank died while they were still starting, before PyTorch's watchdog noted its pid)."""
     from dis_dist.data.shards import write_random_cache
 
     cache = write_random_cache(tmp_path / "cache", shards=4, per_shard=4, channels=4, size=8, classes=3)
     script = tmp_path / "rank.py"
     script.write_text(KILLED_RANK)
-    proc = subprocess.Popen([sys.executable, str(script), str(cache)], cwd=ROOT, stdout=subprocess.PIPE, text=True)
+    proc = subprocess.Popen([sys.executable, str(script), str(cache), killed], cwd=ROOT, stdout=subprocess.PIPE,
+                            text=True)
     workers = [int(pid) for pid in proc.stdout.readline().split()]
     started = {pid: (_stat(pid) or [""] * 20)[19] for pid in workers}  # start times tell reused pids apart
     assert proc.wait(timeout=60) == -9 and len(workers) == 2

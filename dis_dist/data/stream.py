@@ -13,10 +13,14 @@ one epoch of its shards, without decoding, to get back there.
 
 from __future__ import annotations
 
+import ctypes
 import logging
+import os
 import random
+import signal
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from functools import partial
 from itertools import count
 from typing import Any
 
@@ -170,6 +174,20 @@ class ShardStream(IterableDataset):
                                 f"every one of its shards failed ({errors[0]} errors)")
 
 
+def _exit_with_parent(parent: int, worker: int) -> None:
+    """A loader worker's init: die with the rank that spawned it. PyTorch's own watchdog takes the
+    parent's pid only after the worker has started (imported torch: seconds), so a rank killed
+    before then left its workers running forever, reparented. The kernel's parent-death signal,
+    set before the parent is checked, leaves no such window (it follows the spawning thread: the
+    loader is started from the trainer's main thread)."""
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG (Linux)
+    except (AttributeError, OSError):
+        pass  # not Linux: the check below and PyTorch's watchdog remain
+    if os.getppid() != parent:
+        os._exit(0)
+
+
 class StreamLoader:
     """The trainer's view of a latent cache: ``next()`` gives (x, labels); ``state_dict()`` is
     the number of batches taken (plus what must match on resume)."""
@@ -209,10 +227,11 @@ class StreamLoader:
         # optimiser states the trainer rewrites every step (copy-on-write), a second copy of them
         # per worker (DiS-H/2 on 2 CPU ranks was killed for it). Not from a fork server either:
         # its workers' parent is the server, which lives as long as they do, so a killed rank's
-        # workers would never see it gone.
+        # workers would never see it gone (they die with their rank: _exit_with_parent).
         loader = DataLoader(dataset, batch_size=None, num_workers=workers,
                             prefetch_factor=4 if workers else None, persistent_workers=False,
                             multiprocessing_context="spawn" if workers else None,
+                            worker_init_fn=partial(_exit_with_parent, os.getpid()) if workers else None,
                             generator=torch.Generator().manual_seed(mix_seed(self.spec.seed, self.batches)))
         self._iter = iter(loader)
 
