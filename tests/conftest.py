@@ -6,7 +6,9 @@ DeepSpeed): ``require`` fails it instead, so a green CI run means everything rea
 
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -18,8 +20,11 @@ IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
 # that name the chunked backend run it eagerly (same results, no compile per test shape), and
 # tests of its compiled path set this themselves.
 os.environ.setdefault("DIS_SCAN_COMPILE", "0")
-# Cached reference statistics of evaluations go to a directory of this session, not ~/.cache.
-os.environ.setdefault("DIS_DIST_CACHE", tempfile.mkdtemp(prefix="dis_dist_test_cache_"))
+# Cached reference statistics of evaluations go to a directory of this session, not ~/.cache,
+# removed when the session ends (the test subprocesses inherit it).
+if "DIS_DIST_CACHE" not in os.environ:
+    os.environ["DIS_DIST_CACHE"] = tempfile.mkdtemp(prefix="dis_dist_test_cache_")
+    atexit.register(shutil.rmtree, os.environ["DIS_DIST_CACHE"], ignore_errors=True)
 # Without a GPU the triton backend is tested under Triton's interpreter; it must be set before
 # the kernels are defined (at import).
 if not torch.cuda.is_available():
