@@ -173,7 +173,7 @@ def estimate(
             w = 4 * P / (shards if stage == 3 else 1)
             g = 4 * P / (shards if stage >= 2 else 1)
             # Adam, and an fp32 master partition, except under ZeRO-3, whose fp32 weight partitions
-            # are the master (dis_dist/dist/zero.py: share_master_partitions).
+            # are the master (dis_dist/distributed/zero.py: share_master_partitions).
             o, e = (8 * P + (0 if stage == 3 else 4 * P)) / shards, 4 * P / shards
             tr = zero_buckets[stage] * lp
             if stage == 3:  # two gathered blocks and the live ones, AdamW's temporaries of a sub-group

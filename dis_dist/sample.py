@@ -119,7 +119,7 @@ def run(args: argparse.Namespace) -> Path | None:
 
     from dis_dist.data.encoders import latent_decoder
     from dis_dist.diffusion import create_diffusion
-    from dis_dist.dist.env import init_distributed, ranks_from_env
+    from dis_dist.distributed.env import init_distributed, ranks_from_env
     from dis_dist.train.export import load_model
 
     # Ranks finish at different times (a resumed rank may have nothing left to draw): a long

@@ -124,7 +124,7 @@ def test_cli_reports_config_errors_before_any_work():
 
 
 def test_ranks_from_torchrun_and_slurm():
-    from dis_dist.dist.env import first_host, ranks_from_env
+    from dis_dist.distributed.env import first_host, ranks_from_env
 
     assert first_host("gpu[003-005,010],cpu1") == "gpu003"
     assert first_host("node7") == "node7"
@@ -145,7 +145,7 @@ def test_torchrun_port_zero_is_an_error_not_a_hang(monkeypatch):
     """torchrun --master_port=0 binds a free port but gives its workers MASTER_PORT=0."""
     import datetime
 
-    from dis_dist.dist.env import _agent_store
+    from dis_dist.distributed.env import _agent_store
 
     monkeypatch.setenv("TORCHELASTIC_USE_AGENT_STORE", "True")
     monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
@@ -160,14 +160,14 @@ def test_shipped_configs_load(path):
     cfg = load_config(path)
     validate(cfg, world_size=1 if cfg.dist.strategy == "single" else 8)
     if cfg.dist.deepspeed_config:
-        from dis_dist.dist.zero import deepspeed_config
+        from dis_dist.distributed.zero import deepspeed_config
 
         ds = deepspeed_config(cfg, accum=2)
         assert ds["zero_optimization"]["stage"] == cfg.dist.zero_stage and ds["train_batch_size"] == 256
 
 
 def test_deepspeed_passthrough_cannot_override_the_run_config(tmp_path):
-    from dis_dist.dist.zero import deepspeed_config
+    from dis_dist.distributed.zero import deepspeed_config
 
     passthrough = tmp_path / "ds.json"
     passthrough.write_text('{"zero_optimization": {"overlap_comm": true}, "gradient_clipping": 5.0}')
@@ -184,7 +184,7 @@ def test_deepspeed_passthrough_cannot_override_the_run_config(tmp_path):
 
 @pytest.mark.parametrize("path", sorted((ROOT / "configs" / "deepspeed").glob("*.json")))
 def test_shipped_deepspeed_files_merge(path):
-    from dis_dist.dist.zero import deepspeed_config
+    from dis_dist.distributed.zero import deepspeed_config
 
     stage = int(path.stem[-1])
     cfg = load_config(None, ["dist.strategy=deepspeed", f"dist.zero_stage={stage}", f"dist.deepspeed_config={path}"])

@@ -289,8 +289,8 @@ def test_export_loads_anywhere_and_matches_ema(runs: dict, strategy: str, tmp_pa
 
 
 def test_cpu_offload_needs_a_gpu() -> None:
-    from dis_dist.dist.env import DistEnv
-    from dis_dist.dist.fsdp import FSDPStrategy
+    from dis_dist.distributed.env import DistEnv
+    from dis_dist.distributed.fsdp import FSDPStrategy
     from dis_dist.errors import ConfigError
 
     cfg = load_config(None, ["dist.strategy=fsdp", "dist.cpu_offload=true"])

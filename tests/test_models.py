@@ -208,7 +208,7 @@ def test_meta_init_gives_the_weights_of_the_eager_build() -> None:
     """A model built on the meta device and materialised (as every strategy does) holds the
     weights of the same model built eagerly with the same seed; another seed differs in every
     random parameter."""
-    from dis_dist.dist.init import materialize
+    from dis_dist.distributed.init import materialize
 
     kwargs = dict(input_size=16, in_channels=2, num_classes=5)
     eager = build_model("DiS-T/4", seed=3, **kwargs)

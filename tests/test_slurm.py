@@ -485,7 +485,7 @@ def test_node_lost_mid_run_resumes_from_a_complete_checkpoint(
 
 HANG = """
 import sys, time, torch, torch.distributed as dist
-from dis_dist.dist.env import init_distributed
+from dis_dist.distributed.env import init_distributed
 env = init_distributed("ddp", "cpu", timeout_min=float(sys.argv[1]))
 if env.rank == 1:
     time.sleep(120)  # never joins the collective

@@ -45,7 +45,7 @@ def worker(args: argparse.Namespace) -> None:
     import torch
     import torch.distributed as dist
 
-    from dis_dist.dist.env import bound_host_heap
+    from dis_dist.distributed.env import bound_host_heap
     from dis_dist.models.dis import DiS
     from dis_dist.ops.selective_scan.context_parallel import slice_bounds
     from dis_dist.plan import saved_activation_bytes

@@ -33,7 +33,7 @@ import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 
 from dis_dist.config import load_config  # noqa: E402
-from dis_dist.dist.env import DistEnv  # noqa: E402
+from dis_dist.distributed.env import DistEnv  # noqa: E402
 from dis_dist.models import build_model  # noqa: E402
 
 
@@ -73,7 +73,7 @@ def measure(model_name: str, latent: int, channels: int, classes: int, samples: 
 def _fsdp_forward(model_name: str, latent: int, channels: int, classes: int, state: dict, precision: str,
                   x: torch.Tensor, t: torch.Tensor, y: torch.Tensor, device: torch.device) -> torch.Tensor:
     """The model's output under FSDPStrategy on a process group of one rank."""
-    from dis_dist.dist.fsdp import FSDPStrategy
+    from dis_dist.distributed.fsdp import FSDPStrategy
 
     if not dist.is_initialized():
         store = dist.FileStore(tempfile.mktemp(prefix="numerics_store_"), 1)

@@ -26,8 +26,8 @@ import torch.distributed as dist  # noqa: E402
 
 from dis_dist.config import RunConfig, load_config  # noqa: E402
 from dis_dist.diffusion import create_diffusion  # noqa: E402
-from dis_dist.dist.env import DistEnv, init_distributed  # noqa: E402
-from dis_dist.dist.strategy import build_strategy  # noqa: E402
+from dis_dist.distributed.env import DistEnv, init_distributed  # noqa: E402
+from dis_dist.distributed.strategy import build_strategy  # noqa: E402
 from dis_dist.models import build_model  # noqa: E402
 from dis_dist.models.flops import count_parameters, model_flops  # noqa: E402
 from dis_dist.plan import FRAGMENTATION, GB, RESERVE_GB, SETTINGS, estimate  # noqa: E402

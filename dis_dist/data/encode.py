@@ -37,7 +37,7 @@ from dis_dist.data.shards import (
     write_shard,
 )
 from dis_dist.data.sources import Item, Source, center_crop, open_source, pad_to
-from dis_dist.dist.env import resolve_device, worker_from_env
+from dis_dist.distributed.env import resolve_device, worker_from_env
 from dis_dist.errors import DataError
 from dis_dist.utils.cli import cli_main, setup_logging
 

@@ -13,7 +13,7 @@ from torch import nn
 from dis_dist.config import RunConfig
 from dis_dist.data.encoders import latent_decoder
 from dis_dist.diffusion import GaussianDiffusion
-from dis_dist.dist.env import DistEnv
+from dis_dist.distributed.env import DistEnv
 from dis_dist.errors import ConfigError
 from dis_dist.eval.features import build_extractor, reference_stats
 from dis_dist.eval.fid import score

@@ -16,7 +16,7 @@ from types import FrameType
 import torch
 import torch.distributed as dist
 
-from dis_dist.dist.env import DistEnv
+from dis_dist.distributed.env import DistEnv
 
 log = logging.getLogger(__name__)
 

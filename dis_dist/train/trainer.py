@@ -22,8 +22,8 @@ from dis_dist.config import RunConfig, grad_accumulation, save_config, to_dict, 
 from dis_dist.data import build_loader
 from dis_dist.data.encoders import display_decoder
 from dis_dist.diffusion import create_diffusion
-from dis_dist.dist.env import DistEnv, bound_host_heap, context_parallel_group, init_distributed
-from dis_dist.dist.strategy import StepResult, build_strategy
+from dis_dist.distributed.env import DistEnv, bound_host_heap, context_parallel_group, init_distributed
+from dis_dist.distributed.strategy import StepResult, build_strategy
 from dis_dist.errors import CheckpointError, CheckpointMismatch, TrainingError
 from dis_dist.eval.fid import format_metrics
 from dis_dist.eval.generate import generate_share
@@ -99,7 +99,7 @@ class Trainer:
             "learn_sigma": cfg.model.learn_sigma,
         }
         # On the meta device: the strategy shards it, then gives storage to each rank's share and
-        # initialises it from train.seed (dis_dist/dist/init.py), the same weights at any world size.
+        # initialises it from train.seed (dis_dist/distributed/init.py), the same weights at any world size.
         with torch.device("meta"):
             model = build_model(
                 **self.model_spec,

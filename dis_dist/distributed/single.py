@@ -9,9 +9,9 @@ import torch
 from torch import Tensor, nn
 
 from dis_dist.config import RunConfig
-from dis_dist.dist.env import DistEnv
-from dis_dist.dist.init import materialize
-from dis_dist.dist.strategy import (
+from dis_dist.distributed.env import DistEnv
+from dis_dist.distributed.init import materialize
+from dis_dist.distributed.strategy import (
     OptimizerFactory,
     SchedulerFactory,
     StepResult,

@@ -24,9 +24,9 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from dis_dist.config import RunConfig
-from dis_dist.dist.env import DistEnv
-from dis_dist.dist.init import init_parameters, materialize, on_meta
-from dis_dist.dist.strategy import (
+from dis_dist.distributed.env import DistEnv
+from dis_dist.distributed.init import init_parameters, materialize, on_meta
+from dis_dist.distributed.strategy import (
     OptimizerFactory,
     SchedulerFactory,
     StepResult,

@@ -10,9 +10,9 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from dis_dist.config import RunConfig
-from dis_dist.dist.env import DistEnv
-from dis_dist.dist.single import SingleDeviceStrategy
-from dis_dist.dist.strategy import OptimizerFactory, SchedulerFactory
+from dis_dist.distributed.env import DistEnv
+from dis_dist.distributed.single import SingleDeviceStrategy
+from dis_dist.distributed.strategy import OptimizerFactory, SchedulerFactory
 
 # find_unused_parameters is set for its fixed bucket layout (below), not for unused parameters.
 warnings.filterwarnings("ignore", message=r".*find_unused_parameters=True was specified")

@@ -27,10 +27,9 @@ from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 from torch.distributed.fsdp import CPUOffloadPolicy, FSDPModule, MixedPrecisionPolicy, OffloadPolicy, fully_shard
 
 from dis_dist.config import RunConfig
-from dis_dist.dist.env import DistEnv
-from dis_dist.dist.init import materialize, on_meta
-from dis_dist.errors import CheckpointError, ConfigError
-from dis_dist.dist.strategy import (
+from dis_dist.distributed.env import DistEnv
+from dis_dist.distributed.init import materialize, on_meta
+from dis_dist.distributed.strategy import (
     OptimizerFactory,
     SchedulerFactory,
     StepResult,
@@ -40,6 +39,7 @@ from dis_dist.dist.strategy import (
     param_groups,
     swap_values,
 )
+from dis_dist.errors import CheckpointError, ConfigError
 from dis_dist.train.safe_load import DataOnlyPlanner, DataOnlyReader
 
 log = logging.getLogger(__name__)

@@ -20,7 +20,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from dis_dist.config import RunConfig
-from dis_dist.dist.env import DistEnv
+from dis_dist.distributed.env import DistEnv
 
 OptimizerFactory = Callable[[list[dict]], torch.optim.Optimizer]
 SchedulerFactory = Callable[[torch.optim.Optimizer], torch.optim.lr_scheduler.LRScheduler]
@@ -184,13 +184,13 @@ def build_strategy(
     """The strategy named by ``dist.strategy``."""
     name = cfg.dist.strategy
     if name == "single":
-        from dis_dist.dist.single import SingleDeviceStrategy as cls
+        from dis_dist.distributed.single import SingleDeviceStrategy as cls
     elif name == "ddp":
-        from dis_dist.dist.ddp import DDPStrategy as cls
+        from dis_dist.distributed.ddp import DDPStrategy as cls
     elif name == "fsdp":
-        from dis_dist.dist.fsdp import FSDPStrategy as cls
+        from dis_dist.distributed.fsdp import FSDPStrategy as cls
     elif name == "deepspeed":
-        from dis_dist.dist.zero import DeepSpeedStrategy as cls
+        from dis_dist.distributed.zero import DeepSpeedStrategy as cls
     else:
         raise AssertionError(f"unhandled dist.strategy {name!r}")  # config lists the choices
     return cls(env, cfg, model, accum, make_optimizer, make_scheduler)
