@@ -18,9 +18,9 @@ from dis_dist.errors import ConfigError, DataError
 from dis_dist.eval import inception
 from dis_dist.eval.classifier import FmnistClassifier
 from dis_dist.eval.features import ReferenceStats, build_extractor, extract, reference_stats
-from dis_dist.eval.generate import SampleSettings, batches_of_rank, generate, sample_labels
 from dis_dist.eval.images import open_images
 from dis_dist.eval.metrics import Gaussian, frechet_distance, inception_score, precision_recall
+from dis_dist.sample import SampleSettings, batches_of_rank, generate, sample_labels
 from dis_dist.utils.npz import iter_npz, write_npz
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -17,20 +17,11 @@ from dis_dist.distributed.env import DistEnv
 from dis_dist.errors import ConfigError
 from dis_dist.eval.features import build_extractor, reference_stats
 from dis_dist.eval.fid import score
-from dis_dist.eval.generate import SampleSettings, generate_share
+from dis_dist.sample import generate_share, sample_settings
 
 VAE_DOWNSAMPLING = 8  # image pixels per latent pixel (the SD VAE), for references stored as images
 
 
-def sample_settings(cfg: RunConfig) -> SampleSettings:
-    """The ``sample.*`` settings, with class-balanced labels (sample i is of class i mod classes):
-    what grids and evaluations during training draw."""
-    sc = cfg.sample
-    return SampleSettings(
-        sampler=sc.sampler, steps=sc.steps, eta=sc.ddim_eta, cfg_scale=sc.cfg_scale,
-        cfg_channels=sc.cfg_channels, cfg_interval=tuple(sc.cfg_interval), clip_denoised=sc.clip_denoised,
-        seed=sc.seed, labels="balanced",
-    )
 
 
 class Evaluator:

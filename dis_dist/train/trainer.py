@@ -26,13 +26,13 @@ from dis_dist.distributed.env import DistEnv, bound_host_heap, context_parallel_
 from dis_dist.distributed.strategy import StepResult, build_strategy
 from dis_dist.errors import CheckpointError, CheckpointMismatch, TrainingError
 from dis_dist.eval.fid import format_metrics
-from dis_dist.eval.generate import generate_share
 from dis_dist.models import build_model
 from dis_dist.models.flops import model_flops
 from dis_dist.plan import sample_batch_size
+from dis_dist.sample import generate_share, sample_settings
 from dis_dist.train.checkpoint import CheckpointManager, resolve_resume, verify_checkpoint
 from dis_dist.train.ema import ema_decay_at
-from dis_dist.train.evaluation import Evaluator, sample_settings
+from dis_dist.train.evaluation import Evaluator
 from dis_dist.train.lr import lr_factor
 from dis_dist.train.metrics import RunLogger, format_duration, free_memory_bytes, peak_flops, peak_memory_gb
 from dis_dist.train.preemption import StopRequest
