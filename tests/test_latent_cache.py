@@ -16,7 +16,7 @@ from PIL import Image
 
 from dis_dist.data import fs
 from dis_dist.data.encode import encode, parse_args
-from dis_dist.data.shards import MANIFEST, finished_shards, load_manifest, shard_name
+from dis_dist.data.shards import MANIFEST, finished_shards, load_manifest, npy_array, read_shard, shard_name
 from dis_dist.data.stream import ShardStream, StreamLoader, StreamSpec
 from dis_dist.errors import DataError
 from tests.conftest import require
@@ -222,7 +222,6 @@ def test_loader_draws_from_the_moments_and_resumes_exactly(vae_cache):
     b, _ = stream._batch([raw], torch.Generator().manual_seed(2))
     again, _ = stream._batch([raw], torch.Generator().manual_seed(1))
     assert a.shape == (1, 4, 16, 16) and not torch.allclose(a, b) and torch.equal(a, again)
-    from dis_dist.data.shards import npy_array
 
     moments = torch.from_numpy(npy_array(raw["latent.npy"]).astype(np.float32))
     eps = (a[0] - moments[:4]) / moments[4:]  # a = mean + std * eps with eps ~ N(0, 1)
@@ -388,6 +387,22 @@ def test_s3_without_credentials_fails_at_start(s3_endpoint, image_folder, monkey
     with pytest.raises(DataError, match="cannot access 's3://dis-test/nocreds'.*Credentials"):
         _encode("--input", str(image_folder), "--output", "s3://dis-test/nocreds", "--resolution", "32")
     s3fs.S3FileSystem.clear_instance_cache()
+
+
+def test_webdataset_reads_every_sample_of_our_cache(vae_cache):
+    """The shards are plain webdataset: its own reader sees every sample of the manifest, with
+    the arrays and labels the project's reader decodes."""
+    import webdataset as wds
+
+    manifest = load_manifest(str(vae_cache))
+    urls = [str(vae_cache / s.name) for s in manifest.shards]
+    theirs = list(wds.WebDataset(urls, shardshuffle=False, empty_check=False).decode())
+    ours = [raw for url in urls for raw in read_shard(Path(url).read_bytes())]
+    assert len(theirs) == manifest.total_samples == len(ours) == 21
+    for t, o in zip(theirs, ours):
+        assert t["__key__"] == o["__key__"] and t["cls"] == int(bytes(o["cls"]))
+        for ext in ("latent.npy", "latent_flip.npy"):
+            assert t[ext].dtype == np.float16 and np.array_equal(t[ext], npy_array(o[ext]))
 
 
 @pytest.mark.slow

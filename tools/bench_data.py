@@ -3,8 +3,11 @@
 
 Loader samples/s from local shards and from a local S3 endpoint (moto_server), with 0/2/4
 DataLoader workers, against the baseline layout of the popular fast-DiT feature extractor: one
-.npy file per sample read through a torch Dataset + DataLoader. Then encode images/s with
-``--vae pixels`` and with a tiny randomly initialised AutoencoderKL. Medians of ``--repeats``.
+.npy file per sample read through a torch Dataset + DataLoader, and against webdataset's own
+pipeline on the same shards (``WebDataset`` split by worker, shuffled, decoded, a draw from the
+moments, batched: what the project's stream does, minus verification and exact resume). Then
+encode images/s with ``--vae pixels`` and with a tiny randomly initialised AutoencoderKL.
+Medians of ``--repeats``.
 
     python tools/bench_data.py                    # 8192 samples of 8x32x32 fp16 moments (+ flip)
     python tools/bench_data.py --samples 2048 --no-s3
@@ -17,6 +20,7 @@ import statistics
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -31,10 +35,11 @@ from dis_dist.data.shards import (  # noqa: E402
     CacheInfo,
     Manifest,
     build_shard,
+    load_manifest,
     shard_name,
     write_shard,
 )
-from dis_dist.data.stream import StreamLoader, StreamSpec  # noqa: E402
+from dis_dist.data.stream import ShardStream, StreamLoader, StreamSpec  # noqa: E402
 
 
 def make_cache(url: str, samples: int, shard_size: int, shape: tuple[int, ...]) -> None:
@@ -76,6 +81,38 @@ def make_per_file(root: Path, samples: int, shape: tuple[int, ...]) -> None:
     for i in range(samples):
         np.save(root / "features" / f"{i}.npy", rng.standard_normal(shape).astype(np.float32))
         np.save(root / "labels" / f"{i}.npy", np.array([rng.integers(1000)]))
+
+
+WDS_ROWS = {"webdataset": "webdataset pipeline", "stream": "webdataset + stream decode"}
+
+
+def webdataset_loader(url: str, batch_size: int, workers: int, decode: str) -> Iterator:
+    """webdataset's own pipeline over the cache's shards, doing the stream's work: shards split
+    over the workers, a shuffle buffer of 1000, the flip variant picked per sample, one draw
+    from the moments, batches of ``batch_size``; endless. ``decode``: "webdataset" (its
+    ``.decode()``, np.load per array) or "stream" (the project's batch decoding on its raw samples:
+    webdataset as the tar reader only)."""
+    import webdataset as wds
+
+    fs.register_webdataset_handler()
+    manifest = load_manifest(url)
+    urls = [fs.join(url, s.name) for s in manifest.shards]
+    generator = torch.Generator().manual_seed(0)
+    pipeline = wds.WebDataset(urls, shardshuffle=len(urls), repeat=True, empty_check=False).shuffle(1000)
+    if decode == "stream":
+        stream = ShardStream(manifest, StreamSpec(url=url, batch_size=batch_size))
+        pipeline = pipeline.batched(batch_size, collation_fn=lambda raws: stream._batch(raws, generator))
+    else:
+        def collate(samples: list[tuple[np.ndarray, np.ndarray, int]]) -> tuple[torch.Tensor, torch.Tensor]:
+            flips = (torch.rand(len(samples), generator=generator) < 0.5).tolist()
+            x = torch.from_numpy(np.stack([f if flip else a for (a, f, _), flip in zip(samples, flips)])).float()
+            mean, std = x.chunk(2, dim=1)
+            labels = torch.tensor([c for *_, c in samples])
+            return torch.addcmul(mean, std, torch.randn(mean.shape, generator=generator)), labels
+
+        pipeline = (pipeline.decode().to_tuple("latent.npy", "latent_flip.npy", "cls")
+                    .batched(batch_size, collation_fn=collate))
+    return iter(wds.WebLoader(pipeline, batch_size=None, num_workers=workers))
 
 
 def rate(make_iter, batches: int, batch_size: int, repeats: int) -> float:
@@ -154,7 +191,12 @@ def main(argv: list[str] | None = None) -> None:
             spec = StreamSpec(url=str(tmp / "shards"), batch_size=B, num_workers=w)
             ours = rate(lambda spec=spec: StreamLoader(spec), args.batches, B, args.repeats)
             rows.append(("shard stream", "local", w, ours, ours / base))
-            print(f"workers {w}: per-file {base:,.0f}/s, shards {ours:,.0f}/s", flush=True)
+            for decode in ("webdataset", "stream"):
+                r = rate(lambda w=w, d=decode: webdataset_loader(str(tmp / "shards"), B, w, d),
+                         args.batches, B, args.repeats)
+                rows.append((WDS_ROWS[decode], "local", w, r, r / base))
+                print(f"workers {w}: per-file {base:,.0f}/s, shards {ours:,.0f}/s, {WDS_ROWS[decode]} {r:,.0f}/s",
+                      flush=True)
         if not args.no_s3:
             from dis_dist.utils.s3server import local_s3
 
@@ -165,17 +207,25 @@ def main(argv: list[str] | None = None) -> None:
                     spec = StreamSpec(url="s3://bench/shards", batch_size=B, num_workers=w)
                     s3 = rate(lambda spec=spec: StreamLoader(spec), args.batches, B, args.repeats)
                     rows.append(("shard stream", "s3 (moto)", w, s3, s3 / base))
-                    print(f"workers {w}: s3 shards {s3:,.0f}/s", flush=True)
+                    for decode in ("webdataset", "stream"):
+                        r = rate(lambda w=w, d=decode: webdataset_loader("s3://bench/shards", B, w, d),
+                                 args.batches, B, args.repeats)
+                        rows.append((WDS_ROWS[decode], "s3 (moto)", w, r, r / base))
+                        print(f"workers {w}: s3 shards {s3:,.0f}/s, {WDS_ROWS[decode]} {r:,.0f}/s", flush=True)
         enc_px = encode_rate(tmp, "pixels", args.encode_images, args.repeats)
         enc_vae = encode_rate(tmp, tiny_vae(tmp), args.encode_images, args.repeats)
 
     print(f"\n{args.samples} samples of {shape} fp16 moments + flip per shard sample "
           f"(per-file baseline: 4x32x32 fp32 features), batch {args.batch_size}, median of {args.repeats}")
-    header = f"{'loader':<26} {'from':<10} {'workers':>7} {'samples/s':>10} {'x per-file':>10} {'x demo':>7}"
+    header = (f"{'loader':<30} {'from':<10} {'workers':>7} {'samples/s':>10} {'x per-file':>10} "
+              f"{'stream/this':>11} {'x demo':>7}")
     print(header)
     print("-" * len(header))
     for name, where, w, r, ratio in rows:
-        print(f"{name:<26} {where:<10} {w:>7} {r:>10,.0f} {ratio:>9.1f}x {r / args.demo_images_per_sec:>6.1f}x")
+        stream = next(x[3] for x in rows if x[0] == "shard stream" and x[1] == where and x[2] == w)
+        vs_stream = f"{stream / r:>10.2f}x" if name in WDS_ROWS.values() else f"{'':>11}"
+        print(f"{name:<30} {where:<10} {w:>7} {r:>10,.0f} {ratio:>9.1f}x {vs_stream} "
+              f"{r / args.demo_images_per_sec:>6.1f}x")
     print(f"\nencode (32 px, batch 64, {args.encode_images} images): pixels {enc_px:,.0f} img/s, "
           f"tiny AutoencoderKL {enc_vae:,.0f} img/s")
 

@@ -22,7 +22,6 @@ import math
 import mmap
 import os
 import re
-import tarfile
 import typing
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -221,17 +220,17 @@ def _npy(array: np.ndarray) -> bytes:
 
 
 def build_shard(samples: list[dict[str, Any]]) -> bytes:
-    """A tar of samples {"key", "latent", "latent_flip"?, "cls"} in webdataset's layout."""
+    """A tar of samples {"key", "latent", "latent_flip"?, "cls"}, written by webdataset's
+    ``TarWriter`` (ustar; the timestamps fixed, so the same samples give the same bytes)."""
+    from webdataset import TarWriter
+
     buf = io.BytesIO()
-    with tarfile.open(fileobj=buf, mode="w", format=tarfile.USTAR_FORMAT) as tar:
+    with TarWriter(buf, encoder=False, mtime=0) as tar:
         for s in samples:
-            members = {"latent.npy": _npy(s["latent"]), "cls": str(int(s["cls"])).encode()}
+            sample = {"__key__": s["key"], "latent.npy": _npy(s["latent"]), "cls": str(int(s["cls"])).encode()}
             if s.get("latent_flip") is not None:
-                members["latent_flip.npy"] = _npy(s["latent_flip"])
-            for ext, data in members.items():
-                info = tarfile.TarInfo(f"{s['key']}.{ext}")
-                info.size, info.mode, info.mtime = len(data), 0o444, 0
-                tar.addfile(info, io.BytesIO(data))
+                sample["latent_flip.npy"] = _npy(s["latent_flip"])
+            tar.write(sample)
     return buf.getvalue()
 
 
