@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 import torch.utils.checkpoint
+from einops import rearrange
 from torch import Tensor, nn
 
 from dis_dist.errors import ConfigError
@@ -220,13 +221,11 @@ class DiS(nn.Module):
 
     def unpatchify(self, x: Tensor) -> Tensor:
         """(b, h*w, p*p*C) -> (b, C, h*p, w*p), raster order of patches."""
-        p, c = self.patch_size, self.out_channels
-        h = w = self.input_size // p
-        x = x.reshape(x.shape[0], h, w, p, p, c)
-        return torch.einsum("nhwpqc->nchpwq", x).reshape(x.shape[0], c, h * p, w * p)
+        h = w = self.input_size // self.patch_size
+        return rearrange(x, "b (h w) (p q c) -> b c (h p) (w q)", h=h, w=w, p=self.patch_size, q=self.patch_size)
 
     def forward(self, x: Tensor, t: Tensor, y: Tensor | None = None) -> Tensor:
-        tokens = self.patch_embed(x).flatten(2).transpose(1, 2)
+        tokens = rearrange(self.patch_embed(x), "b d h w -> b (h w) d")
         time_token = self.time_embed(t)
         prefix, cond = [time_token[:, None]], None
         if self.label_embed is not None:

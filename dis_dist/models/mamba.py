@@ -14,6 +14,7 @@ import math
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from einops import rearrange
 from torch import Tensor, nn
 
 from dis_dist.models.layers import at_least_fp32
@@ -111,13 +112,13 @@ class SSMBranch(nn.Module):
             else:
                 u = torch.cat([u[..., :pad] + from_halo, u[..., pad:]], -1)
         u = F.silu(u)
-        x_dbl = self.x_proj(u.transpose(1, 2))
+        x_dbl = self.x_proj(rearrange(u, "b d l -> b l d"))
         dt, B, C = x_dbl.split([self.dt_rank, self.d_state, self.d_state], dim=-1)
-        delta = F.linear(dt, self.dt_proj.weight).transpose(1, 2)
+        delta = rearrange(F.linear(dt, self.dt_proj.weight), "b l d -> b d l")
         A = -torch.exp(at_least_fp32(self.A_log))
         D = at_least_fp32(self.D).clone()
         delta_bias = at_least_fp32(self.dt_proj.bias).clone()
-        return u, delta, A, B.transpose(1, 2), C.transpose(1, 2), D, delta_bias
+        return u, delta, A, rearrange(B, "b l n -> b n l"), rearrange(C, "b l n -> b n l"), D, delta_bias
 
 
 class BiMamba(nn.Module):
@@ -146,7 +147,7 @@ class BiMamba(nn.Module):
         self.cp_group: dist.ProcessGroup | None = None
 
     def forward(self, hidden: Tensor) -> Tensor:
-        x, z = self.in_proj(hidden).transpose(1, 2).chunk(2, dim=1)  # (b, d_inner, L) each
+        x, z = rearrange(self.in_proj(hidden), "b l d -> b d l").chunk(2, dim=1)  # (b, d_inner, L) each
         left = right = None
         if self.cp_group is not None:
             left, right = halo_exchange(x, self.fwd.conv1d.kernel_size[0] - 1, self.cp_group)
@@ -162,7 +163,7 @@ class BiMamba(nn.Module):
         if self.cp_group is not None:
             scan, group = cp_bidirectional_selective_scan, {"group": self.cp_group}
         y = scan(u, delta, A, B, C, D=D, z=z, delta_bias=delta_bias, delta_softplus=True, backend=backend, **group)
-        return self.out_proj(y.transpose(1, 2))
+        return self.out_proj(rearrange(y, "b d l -> b l d"))
 
 
 def _stack(pair: tuple[Tensor, Tensor], channels_last: bool) -> Tensor:
@@ -170,4 +171,4 @@ def _stack(pair: tuple[Tensor, Tensor], channels_last: bool) -> Tensor:
     ``channels_last`` (the native CPU kernel's layout, which the projections produce)."""
     if not channels_last or pair[0].ndim < 3:
         return torch.stack(pair)
-    return torch.stack([t.transpose(-1, -2) for t in pair]).transpose(-1, -2)
+    return rearrange(torch.stack([rearrange(t, "b k l -> b l k") for t in pair]), "two b l k -> two b k l")

@@ -27,6 +27,7 @@ from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
+from einops import rearrange
 from torch import Tensor
 
 log = logging.getLogger(__name__)
@@ -304,7 +305,7 @@ def bidirectional_selective_scan_chunked(
 
     def time_major_in_scan_order(t: Tensor) -> Tensor:  # (2, b, k, L) -> (L, 2, b, k)
         t = t.to(compute)
-        return torch.stack([t[0].permute(2, 0, 1), t[1].flip(-1).permute(2, 0, 1)], dim=1)
+        return torch.stack([rearrange(t[0], "b k l -> l b k"), rearrange(t[1].flip(-1), "b k l -> l b k")], dim=1)
 
     def per_direction(t: Tensor | None) -> Tensor:  # (2, d) -> (2, 1, d): broadcast over the batch
         return (t.to(compute) if t is not None else u.new_zeros(2, dim, dtype=compute))[:, None]
@@ -315,7 +316,7 @@ def bidirectional_selective_scan_chunked(
         u.new_zeros(2, batch, dim, A.shape[-1], dtype=compute), delta_softplus,
         chunk_size_for(u.shape[-1], u.device, chunk_size),
     )
-    y = (y[:, 0] + y[:, 1].flip(0)).permute(1, 2, 0)
+    y = rearrange(y[:, 0] + y[:, 1].flip(0), "l b d -> b d l")
     if z is not None:
         y = y * F.silu(z.to(compute))
     return y.to(dtype_in)
