@@ -1,8 +1,8 @@
 """Typed run configuration: dataclasses <- YAML file + ``section.key=value`` overrides.
 
-Every key is documented in README.md ("Config reference"). Unknown keys, wrong types and
-impossible values raise :class:`ConfigError` naming the key and the valid choices, before any
-work starts.
+Every key is documented in docs/configuration.md, generated from the fields' comments below by
+tools/gen_config_docs.py. Unknown keys, wrong types and impossible values raise
+:class:`ConfigError` naming the key and the valid choices, before any work starts.
 """
 
 from __future__ import annotations
@@ -19,48 +19,61 @@ import yaml
 
 from dis_dist.errors import ConfigError
 
+# Every field's description is its inline comment, continued by the comment lines directly below
+# it: tools/gen_config_docs.py renders them into docs/configuration.md (the config reference).
+
 
 @dataclass
 class ModelConfig:
-    name: str = "DiS-S/2"  # a registry name, DiS-{T,S,B,M,L,H}/{2,4,8}
+    name: str = "DiS-S/2"  # DiS-{T,S,B,M,L,H}/{2,4,8}: size / patch. Width/depth: T 128/4 (ours, for CPU
+    # demos and tests), S 368/24, B 768/24, M 768/48, L 1024/48, H 1536/48
     conditional: bool = True  # class-conditional on the data's labels; false: unconditional
-    learn_sigma: bool = True
-    class_dropout_prob: float = 0.1  # labels dropped to the null class (classifier-free guidance)
-    drop_path_rate: float = 0.1
-    scan_backend: str = "auto"  # selective-scan backend; $DIS_SCAN_BACKEND overrides "auto"
+    learn_sigma: bool = True  # predict the variance too (2C output channels)
+    class_dropout_prob: float = 0.1  # labels replaced by the null class in training (classifier-free guidance)
+    drop_path_rate: float = 0.1  # stochastic depth, rising linearly over the blocks to this value
+    scan_backend: str = "auto"  # selective-scan backend: auto, cpu, chunked, triton, cuda or reference
+    # (docs/kernels.md); $DIS_SCAN_BACKEND overrides auto
 
 
 @dataclass
 class DataConfig:
-    source: Literal["fmnist", "shards"] = "fmnist"  # Fashion-MNIST in memory, or a latent cache
-    root: str = "/usr/share/datasets/fashion-mnist"  # fmnist: the IDX directory
-    split: Literal["train", "test"] = "train"  # fmnist
+    source: Literal["fmnist", "shards"] = "fmnist"  # shards: a latent cache (docs/data.md); fmnist:
+    # Fashion-MNIST's IDX files, in memory
+    root: str = "/usr/share/datasets/fashion-mnist"  # fmnist: the directory of the IDX files (.gz or not)
+    split: Literal["train", "test"] = "train"  # fmnist: the split to train on
     url: str = ""  # shards: the cache directory (local path or s3://...), as encode_latents wrote it
-    image_size: int = 32  # the spatial size the model sees (Fashion-MNIST is padded 28 -> 32)
-    random_flip: bool = True  # shards: the stored flip variant (or a mirrored pixel image)
-    num_workers: int = 2  # shards: DataLoader worker processes per rank (0: in the trainer)
-    shuffle_buffer: int = 1000  # shards: samples in each worker's shuffle buffer
+    image_size: int = 32  # the spatial size the model sees (Fashion-MNIST is padded 28 -> 32); shards:
+    # the cache's latent size (checked)
+    random_flip: bool = True  # horizontal flips: the stored flip latent (or a mirrored pixel image)
+    num_workers: int = 2  # shards: DataLoader worker processes per rank (0: read in the trainer)
+    shuffle_buffer: int = 1000  # shards: samples in each stream's (worker's) shuffle buffer
     cache_dir: str = ""  # shards: local directory caching remote shards
-    on_error: Literal["skip", "raise"] = "skip"  # shards: a shard that fails to read or verify
-    verify: Literal["size", "sha256", "none"] = "size"  # shards: check each against the manifest
+    on_error: Literal["skip", "raise"] = "skip"  # shards: a shard that fails to read or verify is skipped
+    # and counted (data/shard_errors in TensorBoard), or (raise) stops the run with an error naming it
+    verify: Literal["size", "sha256", "none"] = "size"  # shards: check each shard against the manifest
+    # before use: its size (and sample count), its sha256 too, or nothing
     s3_endpoint: str = ""  # shards: S3 endpoint URL (default: $AWS_ENDPOINT_URL)
 
 
 @dataclass
 class DiffusionConfig:
-    num_steps: int = 1000
-    schedule: Literal["linear", "cosine"] = "linear"
+    num_steps: int = 1000  # diffusion steps
+    schedule: Literal["linear", "cosine"] = "linear"  # linear (betas 1e-4..0.02) or cosine
     min_snr_gamma: float = 0.0  # > 0: Min-SNR loss weights min(SNR, gamma) / SNR (5 is usual); 0: off, as DiT
+    # (Hang et al. 2023: each sample's MSE is weighted so that low-noise steps count less and training
+    # converges faster; the VLB term is not weighted)
 
 
 @dataclass
 class OptimConfig:
-    lr: float = 1e-4
-    weight_decay: float = 0.0
-    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
-    eps: float = 1e-8
-    warmup_steps: int = 0
-    schedule: Literal["constant", "cosine"] = "constant"
+    lr: float = 1e-4  # AdamW learning rate (after warm-up)
+    weight_decay: float = 0.0  # AdamW weight decay, on weight matrices only (not biases, norms, A_log, D,
+    # pos_embed)
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])  # AdamW betas
+    eps: float = 1e-8  # AdamW epsilon
+    warmup_steps: int = 0  # linear warm-up steps
+    schedule: Literal["constant", "cosine"] = "constant"  # after warm-up: constant, or cosine (down to
+    # optim.min_lr at train.steps)
     min_lr: float = 0.0  # the floor of the cosine schedule
     grad_clip: float = 1.0  # max global gradient norm; 0 disables clipping
 
@@ -69,49 +82,63 @@ class OptimConfig:
 class TrainConfig:
     steps: int = 400_000  # optimiser steps
     global_batch: int = 256  # images per optimiser step, all ranks together
-    micro_batch: int = 256  # images per forward/backward on one rank
+    micro_batch: int = 256  # images per forward/backward on one rank; accumulation = global batch /
+    # (micro-batch x data-parallel ranks)
     precision: Literal["fp32", "bf16"] = "fp32"  # bf16: autocast, fp32 master weights
-    ema_decay: float = 0.9999
+    ema_decay: float = 0.9999  # EMA of the weights (the weights samples and evaluations use)
     ema_warmup: bool = False  # decay = min(ema_decay, (1 + n) / (10 + n)) at update n
-    seed: int = 0
-    device: Literal["auto", "cpu", "cuda"] = "auto"
+    seed: int = 0  # seeds the weights (the same on every rank), and each micro-batch's noise, timesteps,
+    # label dropout and drop path (from its place in the global batch)
+    device: Literal["auto", "cpu", "cuda"] = "auto"  # auto: the GPU if one is visible, else the CPU
     activation_checkpointing: int = 0  # recompute every k-th block's activations in backward; 0: off
+    # (1: every block; the others store their activations)
     max_skipped_in_a_row: int = 10  # non-finite steps in a row before training stops with an error; 0: never
+    # (each one is skipped and counted: train/skipped_steps)
 
 
 @dataclass
 class SampleConfig:
     every: int = 10_000  # steps between EMA sample grids in TensorBoard; 0 disables
     num: int = 40  # images in a grid (TensorBoard's and the end-of-run samples.png); 0: none at the end
+    # (needs sample.every=0). One row per class when conditional
     batch_size: int = 0  # samples per forward pass on one rank (x2 with guidance), for grids and
-    # evaluations; 0: the planner's inference estimate against this device's free memory
-    steps: str = "100"  # respacing of the sampler: "250", "ddim50", ...
-    sampler: Literal["ddpm", "ddim"] = "ddpm"
-    ddim_eta: float = 0.0
+    # evaluations; 0: the planner's inference estimate against half of this rank's free memory (at most 256)
+    steps: str = "100"  # respacing of the sampler: "250", "ddim50", "10,20,30", ...
+    sampler: Literal["ddpm", "ddim"] = "ddpm"  # ddpm (ancestral) or ddim
+    ddim_eta: float = 0.0  # DDIM noise (0: deterministic)
     cfg_scale: float = 1.0  # classifier-free guidance scale; 1 = none
-    cfg_channels: Literal["all", "first3"] = "all"
+    cfg_channels: Literal["all", "first3"] = "all"  # guide all eps channels, or the first 3 (DiT's convention)
     cfg_interval: list[int] = field(default_factory=lambda: [0, 1000])  # guided model timesteps [lo, hi)
+    # (the conditional output alone elsewhere, one forward pass there): guiding the noisiest steps costs
+    # diversity (Kynkaanniemi et al. 2024); tools/sample.py --cfg-interval LO HI
     clip_denoised: bool = False  # clip predicted x0 to [-1, 1] (pixel space)
     seed: int = 0  # fixed noise and labels, so grids are comparable across the run
 
 
 @dataclass
 class EvalConfig:
-    every: int = 0  # steps between evaluations of the EMA (and one at the end); 0 disables
+    every: int = 0  # steps between evaluations of the EMA (and one at the end); 0 disables (docs/evaluation.md)
     num_samples: int = 1000  # samples per evaluation, class-balanced, drawn with the sample.* settings
+    # over all ranks
     batch_size: int = 250  # images per forward pass of the feature network (sampling: sample.batch_size)
     features: Literal["inception", "fmnist"] = "inception"  # FID's Inception-v3, or the Fashion-MNIST classifier
+    # (inception: FID, sFID, IS, precision/recall; fmnist: Frechet distance in its features, conditional
+    # accuracy, precision/recall)
     weights: str = ""  # the network's file (inception default: torch hub cache; fmnist: .cache/fmnist_classifier.pt)
+    # ($DIS_INCEPTION_WEIGHTS also names the Inception weights)
     reference: str = ""  # ADM reference .npz, statistics .npz, image folder/shards, or Fashion-MNIST's directory
-    precision_recall: bool = True  # also improved precision/recall (k-NN against the reference features)
+    # (what the samples are compared with; required when eval.every > 0)
+    precision_recall: bool = True  # also improved precision/recall (k-NN against the reference features,
+    # k = 3)
 
 
 @dataclass
 class CheckpointConfig:
-    every: int = 5000  # steps between checkpoints; 0 saves only at the end
+    every: int = 5000  # steps between checkpoints; 0 saves only at the end (one is always written there)
     keep_last: int = 3  # complete checkpoints kept; older ones are deleted
     keep_every: int = 0  # also keep every checkpoint whose step is a multiple of this; 0: none
-    async_save: bool = False  # fsdp: write shards in a background thread while training goes on
+    async_save: bool = False  # fsdp: write shards in a background thread while training goes on (copied to
+    # CPU memory first; the checkpoint is marked complete at the next save or at the end of training)
 
 
 @dataclass
@@ -121,30 +148,36 @@ class LogConfig:
 
 @dataclass
 class DistConfig:
-    strategy: Literal["single", "ddp", "fsdp", "deepspeed"] = "single"
+    strategy: Literal["single", "ddp", "fsdp", "deepspeed"] = "single"  # single (one process), ddp, fsdp
+    # (FSDP2) or deepspeed (ZeRO); docs/distributed.md
     timeout_min: float = 30.0  # a collective that waits longer fails with an error instead of hanging
     reshard_after_forward: bool = True  # fsdp: free gathered weights after forward (ZeRO-3-like); false: ZeRO-2-like
+    # (kept from each block's forward to its backward: more memory, less communication)
     shard_group_size: int = 0  # fsdp: ranks sharing one copy of the model; 0: all (FSDP), k: HSDP (k = GPUs per node)
+    # (shard over k ranks, replicate across the groups)
     cpu_offload: bool = False  # fsdp: sharded parameters, gradients and optimiser states live in CPU memory
-    # ddp/fsdp: consecutive ranks splitting each sample's tokens (world / this hold different samples)
-    context_parallel: int = 1
-    zero_stage: int = 2  # deepspeed: ZeRO stage 1, 2 or 3
+    # (GPU runs; the optimiser step runs there)
+    context_parallel: int = 1  # ddp/fsdp: consecutive ranks splitting each sample's tokens (world / this
+    # hold different samples): the cp axis of a (dp, cp) mesh; it must divide the world size
+    zero_stage: int = 2  # deepspeed: ZeRO stage 1 (optimiser states sharded), 2 (+ gradients), 3 (+ weights)
     deepspeed_config: str = ""  # deepspeed: JSON file merged into the generated config (configs/deepspeed/*.json)
+    # (buckets, overlap, ...; keys the run config owns, such as batch sizes, clipping, precision and the
+    # stage, are refused there)
 
 
 @dataclass
 class RunConfig:
-    run_dir: str = "runs/default"
-    model: ModelConfig = field(default_factory=ModelConfig)
-    data: DataConfig = field(default_factory=DataConfig)
-    diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
-    optim: OptimConfig = field(default_factory=OptimConfig)
-    train: TrainConfig = field(default_factory=TrainConfig)
-    sample: SampleConfig = field(default_factory=SampleConfig)
-    eval: EvalConfig = field(default_factory=EvalConfig)
-    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
-    log: LogConfig = field(default_factory=LogConfig)
-    dist: DistConfig = field(default_factory=DistConfig)
+    run_dir: str = "runs/default"  # where the config, TensorBoard events, checkpoints and samples go
+    model: ModelConfig = field(default_factory=ModelConfig)  # the network: size, patch, conditioning
+    data: DataConfig = field(default_factory=DataConfig)  # what it trains on: a latent cache or Fashion-MNIST
+    diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)  # noise schedule and loss weighting
+    optim: OptimConfig = field(default_factory=OptimConfig)  # AdamW and the learning-rate schedule
+    train: TrainConfig = field(default_factory=TrainConfig)  # steps, batch sizes, precision, EMA, seed
+    sample: SampleConfig = field(default_factory=SampleConfig)  # the sampler of grids and evaluations
+    eval: EvalConfig = field(default_factory=EvalConfig)  # evaluation of the EMA during training
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)  # when checkpoints are written and kept
+    log: LogConfig = field(default_factory=LogConfig)  # console lines and TensorBoard scalars
+    dist: DistConfig = field(default_factory=DistConfig)  # how the model is spread over processes
 
 
 # -- conversion ------------------------------------------------------------------------------

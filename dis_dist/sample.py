@@ -9,7 +9,7 @@ the batches are the same, as :func:`batches_of_rank` arranges).
 The command line writes them into an ADM-compatible ``.npz`` and a PNG grid:
 
     python tools/sample.py exports/dis_h2 --out samples/dis_h2 --num-samples 50000 --cfg-scale 1.5
-    torchrun --nproc_per_node=8 tools/sample.py runs/dis_h2 --out samples/dis_h2 --num-samples 50000 \
+    torchrun --nproc_per_node=8 tools/sample.py runs/dis_h2 --out samples/dis_h2 --num-samples 50000 \\
         --cfg-scale 1.5
 
 The model is an exported directory, a checkpoint, or a run directory (its newest checkpoint;

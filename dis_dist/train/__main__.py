@@ -14,7 +14,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
         prog="python -m dis_dist.train",
         description="Train a DiS diffusion model. Settings come from a YAML config, then "
-        "section.key=value overrides (see README: Config reference).",
+        "section.key=value overrides (every key: docs/configuration.md).",
     )
     p.add_argument("--config", help="YAML run config (default: built-in defaults)")
     p.add_argument(

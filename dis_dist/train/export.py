@@ -1,8 +1,8 @@
 """Any training checkpoint -> one ``model.safetensors`` (EMA weights by default, or raw) plus
 ``config.json``, loadable by ``build_model`` on any machine, without the training strategy.
 
-Checkpoint layouts (see README, "Checkpoints"): ``model.pt`` (single, ddp), ``dcp/``
-(fsdp: torch.distributed.checkpoint, read here without a process group), ``deepspeed/`` plus
+Checkpoint layouts (docs/distributed.md, "Checkpoints and exact resume"): ``model.pt`` (single,
+ddp), ``dcp/`` (fsdp: torch.distributed.checkpoint, read here without a process group), ``deepspeed/`` plus
 ``ema_rank<r>.pt`` (DeepSpeed ZeRO: the raw weights through DeepSpeed's zero_to_fp32, the EMA
 reassembled from each rank's fragments).
 """
