@@ -36,11 +36,12 @@ def small_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return write_small_cache(tmp_path_factory.mktemp("small_cache") / "cache")
 
 
-def _member_offsets(data: bytes) -> list[int]:
+def _member_offsets(data: bytes, suffix: str = "") -> list[int]:
+    """Header offsets of the shard's members (those whose name ends with ``suffix``)."""
     import io
 
     with tarfile.open(fileobj=io.BytesIO(data)) as tar:
-        return [m.offset for m in tar.getmembers()]
+        return [m.offset for m in tar.getmembers() if m.name.endswith(suffix)]
 
 
 def _damage(data: bytes, rng: random.Random) -> bytes:
@@ -102,12 +103,12 @@ def test_damaged_shard_is_skipped_and_counted_or_raises_naming_it(small_cache, t
     manifest = load_manifest(str(cache))
     victim = cache / manifest.shards[2].name
     data = bytearray(victim.read_bytes())
-    first = _member_offsets(bytes(data))[0]
+    first = _member_offsets(bytes(data), ".npy")[0]
     if how == "size_field":
         data[first + 124] ^= 0x40
         data[first + 125] ^= 0x40
     else:
-        data[first + 512] ^= 0x01  # the first member's payload starts with b"\x93NUMPY"
+        data[first + 512] ^= 0x01  # the first array's payload starts with b"\x93NUMPY"
     victim.write_bytes(bytes(data))
     loader = StreamLoader(StreamSpec(url=str(cache), batch_size=4, shuffle_buffer=2, verify="size"))
     batches = [next(loader) for _ in range(9)]  # more than one epoch of the 3 good shards
