@@ -24,6 +24,7 @@ step() {  # step NAME LIMIT_S CMD...: run CMD under LIMIT_S, note its exit statu
     return $rc
 }
 WORK=$(mktemp -d)
+trap 'rm -rf "$WORK"' EXIT
 step "environment" 60 "$PY" -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__,
 'cuda', torch.version.cuda, torch.cuda.get_device_name(0), f'{torch.cuda.get_device_properties(0).total_memory / 2**30:.0f} GiB')"
 step "triton scan tests" 120 "$PY" -m pytest -q tests/test_scan_backends.py -p no:cacheprovider \
