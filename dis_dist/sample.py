@@ -143,6 +143,7 @@ def generate_share(
         else:
             generate(model, diffusion, [0], **kwargs)
 
+
 # -- the command line -----------------------------------------------------------------------
 
 
@@ -258,6 +259,7 @@ def run(args: argparse.Namespace) -> Path | None:
                                  schedule=info["diffusion"]["schedule"], learn_sigma=info["learn_sigma"])
     decode = latent_decoder(args.vae or info.get("vae", "pixels"), info.get("scaling_factor", 1.0), env.device)
     bf16 = args.precision == "bf16" or (args.precision == "auto" and env.device.type == "cuda")
+
     def drawn(indices: list[int]) -> bool:
         return part_path(out, indices).is_file()
 

@@ -22,8 +22,6 @@ from dis_dist.sample import generate_share, sample_settings
 VAE_DOWNSAMPLING = 8  # image pixels per latent pixel (the SD VAE), for references stored as images
 
 
-
-
 class Evaluator:
     """Built by every rank at the start of training (the feature network and the decoder
     everywhere, the reference statistics on rank 0); called collectively."""
