@@ -247,7 +247,7 @@ def test_einops_layouts_leave_the_model_bit_identical(backend, monkeypatch):
     from dis_dist.models.dis import DiS
 
     modules = [importlib.import_module(f"dis_dist.{name}")
-               for name in ("models.dis", "models.mamba", "ops.selective_scan.chunked")]
+               for name in ("models.dis", "models.mamba", "ops.selective_scan", "ops.selective_scan.chunked")]
 
     used: set[str] = set()
 

@@ -28,7 +28,7 @@ NAMES = ["u", "delta", "A", "B", "C", "D", "z", "delta_bias", "initial_state"]
 
 
 def _need(backend: str) -> None:
-    if backend == "triton":
+    if backend.startswith("triton"):
         require(importlib.util.find_spec("triton") is not None, "triton (pip install triton)")
 
 
@@ -74,7 +74,7 @@ def _compare(backend, dtype, L, *, chunk=CHUNK, softplus=True, with_zd=True, lar
     ref = {k: (None if v is None else v.detach().cpu().double().requires_grad_()) for k, v in low.items()}
     kw = dict(delta_softplus=softplus, return_last_state=True)
     y_ref, last_ref = selective_scan(**ref, **kw, backend="reference")
-    extra = {"chunk_size": chunk} if backend in ("chunked", "triton") else {}
+    extra = {"chunk_size": chunk} if backend in ("chunked", "triton", "triton_tiled") else {}
     from dis_dist.ops.selective_scan import BACKENDS
 
     y, last = BACKENDS[backend].scan(**low, **kw, **extra)
@@ -94,14 +94,14 @@ def _compare(backend, dtype, L, *, chunk=CHUNK, softplus=True, with_zd=True, lar
         assert _rel(a, r) <= tol, (name, _rel(a, r))
 
 
-@pytest.mark.parametrize("backend", ["chunked", "triton"])
+@pytest.mark.parametrize("backend", ["chunked", "triton", "triton_tiled"])
 @pytest.mark.parametrize("L", LENGTHS)
 def test_backend_matches_reference_fp32(backend, L):
     _need(backend)
     _compare(backend, torch.float32, L, b=2 if L < 1000 else 1)
 
 
-@pytest.mark.parametrize("backend", ["chunked", "triton"])
+@pytest.mark.parametrize("backend", ["chunked", "triton", "triton_tiled"])
 @pytest.mark.parametrize(
     "variant",
     [dict(softplus=False), dict(with_zd=False), dict(large_decay=True), dict(chunk=5), dict(chunk=1)],
@@ -109,10 +109,12 @@ def test_backend_matches_reference_fp32(backend, L):
 )
 def test_backend_variants(backend, variant):
     _need(backend)
+    if backend == "triton_tiled" and variant.get("chunk") == 5:
+        variant = dict(chunk=4)  # its tiles are powers of two
     _compare(backend, torch.float32, 13, **variant)
 
 
-@pytest.mark.parametrize("backend", ["chunked", "triton"])
+@pytest.mark.parametrize("backend", ["chunked", "triton", "triton_tiled"])
 @pytest.mark.parametrize("L", [CHUNK + 1, pytest.param(258, marks=pytest.mark.slow)])
 def test_backend_bf16_inputs(backend, L):
     _need(backend)
@@ -123,7 +125,7 @@ def test_chunked_float64_is_exact_to_rounding():
     _compare("chunked", F64, 37, chunk=6)
 
 
-@pytest.mark.parametrize("backend", ["chunked", "triton"])
+@pytest.mark.parametrize("backend", ["chunked", "triton", "triton_tiled"])
 def test_bidirectional_backends_match_reference(backend):
     _need(backend)
     g = torch.Generator().manual_seed(4)
@@ -149,7 +151,8 @@ def test_mixer_is_the_same_with_every_backend():
     """The DiS mixer gives the same output and gradients on every backend."""
     from dis_dist.models.mamba import BiMamba
 
-    backends = ["reference", "chunked", "cpu"] + (["triton"] if importlib.util.find_spec("triton") else [])
+    backends = ["reference", "chunked", "cpu"]
+    backends += ["triton", "triton_tiled"] if importlib.util.find_spec("triton") else []
     mixer = BiMamba(24)
     h = torch.randn(2, 11, 24)
     results = {}

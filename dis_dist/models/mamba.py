@@ -154,10 +154,9 @@ class BiMamba(nn.Module):
         # The backward branch is computed on the sequence as it is and scanned right to left.
         backend = resolve_backend(self.scan_backend, x.device).name
         native = backend == "cpu" and not torch.is_autocast_enabled(x.device.type)
-        # (One expression: no name keeps the branches' outputs alive past their stacking.)
-        u, delta, A, B, C, D, delta_bias = (
-            _stack(pair, channels_last=backend == "cpu")
-            for pair in zip(self.fwd(x, halo=left, native_conv=native), self.bwd(x, True, right, native_conv=native))
+        # Each scan input as a (forward, backward) pair: the scan reads or stacks them as its backend wants.
+        u, delta, A, B, C, D, delta_bias = zip(
+            self.fwd(x, halo=left, native_conv=native), self.bwd(x, True, right, native_conv=native)
         )
         scan, group = bidirectional_selective_scan, {}
         if self.cp_group is not None:
@@ -165,10 +164,3 @@ class BiMamba(nn.Module):
         y = scan(u, delta, A, B, C, D=D, z=z, delta_bias=delta_bias, delta_softplus=True, backend=backend, **group)
         return self.out_proj(rearrange(y, "b d l -> b l d"))
 
-
-def _stack(pair: tuple[Tensor, Tensor], channels_last: bool) -> Tensor:
-    """The two directions' tensors on a new leading axis; (b, k, L) ones over (b, L, k) memory when
-    ``channels_last`` (the native CPU kernel's layout, which the projections produce)."""
-    if not channels_last or pair[0].ndim < 3:
-        return torch.stack(pair)
-    return rearrange(torch.stack([rearrange(t, "b k l -> b l k") for t in pair]), "two b l k -> two b k l")

@@ -13,10 +13,11 @@ import importlib
 import importlib.util
 import logging
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
+from einops import rearrange
 from torch import Tensor
 
 from dis_dist.errors import BackendError
@@ -37,6 +38,9 @@ class Backend:
     bidirectional_fn: str
     requires: str | None = None  # a package that must be importable
     takes_initial_state: bool = True
+    # How the bidirectional scan wants its per-direction inputs: "pairs" (read in place, any
+    # strides), else stacked on a leading axis of 2, "contiguous" or "channels_last" in memory.
+    directions: str = "contiguous"
 
     def _module(self):  # noqa: ANN202
         return importlib.import_module(f"dis_dist.ops.selective_scan.{self.module}")
@@ -67,9 +71,11 @@ BACKENDS: dict[str, Backend] = {
     for b in (
         Backend("reference", "reference", "selective_scan_ref", "bidirectional_selective_scan_ref"),
         Backend("chunked", "chunked", "selective_scan_chunked", "bidirectional_selective_scan_chunked"),
-        Backend("cpu", "cpu", "selective_scan_cpu", "bidirectional_selective_scan_cpu"),
+        Backend("cpu", "cpu", "selective_scan_cpu", "bidirectional_selective_scan_cpu", directions="channels_last"),
         Backend("triton", "triton", "selective_scan_triton", "bidirectional_selective_scan_triton",
                 requires="triton"),
+        Backend("triton_tiled", "triton_tiled", "selective_scan_triton_tiled",
+                "bidirectional_selective_scan_triton_tiled", requires="triton", directions="pairs"),
         Backend("cuda", "cuda", "selective_scan_cuda", "bidirectional_selective_scan_cuda",
                 requires="mamba_ssm", takes_initial_state=False),
     )
@@ -156,24 +162,44 @@ def _with_initial_state(impl: Backend, device: torch.device) -> Backend:
     return BACKENDS[name]
 
 
+Directions = Tensor | Sequence[Tensor]  # stacked on a leading axis of 2, or a (forward, backward) pair
+
+
+def stack_directions(t: Directions, channels_last: bool = False) -> Tensor:
+    """A per-direction input as one tensor with a leading axis of 2 (as it is, if it is one).
+    ``channels_last``: (2, b, k, L) over (2, b, L, k) memory, the native CPU kernel's layout,
+    which the mixer's projections write (then the stack is the only copy)."""
+    if isinstance(t, Tensor):
+        return t
+    if not channels_last or t[0].ndim < 3:
+        return torch.stack(list(t))
+    return rearrange(torch.stack([rearrange(x, "b k l -> b l k") for x in t]), "two b l k -> two b k l")
+
+
 def bidirectional_selective_scan(
-    u: Tensor,
-    delta: Tensor,
-    A: Tensor,
-    B: Tensor,
-    C: Tensor,
-    D: Tensor | None = None,
+    u: Directions,
+    delta: Directions,
+    A: Directions,
+    B: Directions,
+    C: Directions,
+    D: Directions | None = None,
     z: Tensor | None = None,
-    delta_bias: Tensor | None = None,
+    delta_bias: Directions | None = None,
     delta_softplus: bool = False,
     backend: str = "auto",
 ) -> Tensor:
     """Forward scan of direction 0 plus right-to-left scan of direction 1, gated by z once.
 
-    Per-direction tensors have a leading axis of 2 and are in sequence order:
-    u, delta (2, b, d, L); A (2, d, N); B, C (2, b, N, L); D, delta_bias (2, d); z (b, d, L).
+    Per-direction inputs are in sequence order, stacked on a leading axis of 2 or as a
+    (forward, backward) pair: u, delta (2, b, d, L); A (2, d, N); B, C (2, b, N, L); D,
+    delta_bias (2, d); z (b, d, L). Pairs reach a backend that reads them in place as they are,
+    and are stacked in the layout it wants otherwise.
     """
-    impl = resolve_backend(backend, u.device)
+    impl = resolve_backend(backend, u[0].device)
+    if impl.directions != "pairs":
+        channels_last = impl.directions == "channels_last"
+        u, delta, A, B, C = (stack_directions(t, channels_last) for t in (u, delta, A, B, C))
+        D, delta_bias = (None if t is None else stack_directions(t) for t in (D, delta_bias))
     return impl.bidirectional(
         u, delta, A, B, C, D=D, z=z, delta_bias=delta_bias, delta_softplus=delta_softplus
     )
@@ -186,4 +212,5 @@ __all__ = [
     "resolve_backend",
     "selective_scan",
     "selective_scan_ref",
+    "stack_directions",
 ]

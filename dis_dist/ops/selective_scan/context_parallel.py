@@ -34,7 +34,7 @@ import torch.nn.functional as F
 import torch.utils.checkpoint
 from torch import Tensor
 
-from dis_dist.ops.selective_scan import selective_scan
+from dis_dist.ops.selective_scan import Directions, selective_scan, stack_directions
 from dis_dist.ops.selective_scan.chunked import _compile_failed, _compile_wanted
 from dis_dist.ops.selective_scan.reference import prepare_delta
 
@@ -209,14 +209,14 @@ def _recomputed(fn: Callable[..., Tensor], *args: object) -> Tensor:
 
 
 def cp_bidirectional_selective_scan(
-    u: Tensor,
-    delta: Tensor,
-    A: Tensor,
-    B: Tensor,
-    C: Tensor,
-    D: Tensor | None = None,
+    u: Directions,
+    delta: Directions,
+    A: Directions,
+    B: Directions,
+    C: Directions,
+    D: Directions | None = None,
     z: Tensor | None = None,
-    delta_bias: Tensor | None = None,
+    delta_bias: Directions | None = None,
     delta_softplus: bool = False,
     group: dist.ProcessGroup | None = None,
     backend: str = "auto",
@@ -227,6 +227,8 @@ def cp_bidirectional_selective_scan(
 
     The log-decays and the corrections are recomputed in the backward pass rather than kept:
     they add to the saved tensors only the mixer's own inputs."""
+    u, delta, A, B, C = (stack_directions(t) for t in (u, delta, A, B, C))
+    D, delta_bias = (None if t is None else stack_directions(t) for t in (D, delta_bias))
     rank, k = dist.get_rank(group), dist.get_world_size(group)
     compute = torch.promote_types(u.dtype, torch.float32)
     zero_start, lasts = [], []
