@@ -22,86 +22,42 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
-import torch.distributed as dist  # noqa: E402
 
-from dis_dist.config import RunConfig, load_config  # noqa: E402
-from dis_dist.diffusion import create_diffusion  # noqa: E402
-from dis_dist.distributed.env import DistEnv, init_distributed  # noqa: E402
-from dis_dist.distributed.strategy import build_strategy  # noqa: E402
-from dis_dist.models import build_model  # noqa: E402
-from dis_dist.models.flops import count_parameters, model_flops  # noqa: E402
+from dis_dist.config import RunConfig  # noqa: E402
+from dis_dist.distributed.env import DistEnv  # noqa: E402
+from dis_dist.models.flops import model_flops  # noqa: E402
 from dis_dist.plan import FRAGMENTATION, GB, RESERVE_GB, SETTINGS, estimate  # noqa: E402
 from dis_dist.train.metrics import peak_flops, peak_memory_gb  # noqa: E402
+from dis_dist.utils.cli import cli_main  # noqa: E402
+from tools.train_step import add_step_args, build_train_step, describe, setup  # noqa: E402
 
 
 def time_steps(args: argparse.Namespace, cfg: RunConfig, env: DistEnv, spec: dict, backend: str) -> tuple[float, float]:
     """(seconds per step, images/s) of ``args.steps`` timed steps with the scan ``backend``."""
-    torch.manual_seed(0)
-    model = build_model(**spec, scan_backend=backend)
-    model.set_activation_checkpointing(args.ckpt)
-    strategy = build_strategy(
-        env, cfg, model, 1,
-        lambda groups: torch.optim.AdamW(groups, lr=1e-4),
-        lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 1.0),
-    )
-    diffusion = create_diffusion(learn_sigma=True)
-    device = env.device
-    x = torch.randn(args.micro_batch, 4, args.latent, args.latent, device=device)
-    y = torch.randint(0, 1000, (args.micro_batch,), device=device)
-    autocast = torch.autocast(device.type, torch.bfloat16, enabled=args.precision == "bf16")
-
-    def step() -> None:
-        t = torch.randint(0, 1000, (args.micro_batch,), device=device)
-        with strategy.micro_batch(last=True):
-            with autocast:
-                loss = diffusion.training_losses(strategy.model, x, t, {"y": y})["loss"].mean()
-            strategy.backward(loss)
-        strategy.step()
-        strategy.update_ema(0.9999)
-
-    def sync() -> None:
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-
+    train = build_train_step(args, cfg, env, spec, backend)
     for _ in range(args.warmup):
-        step()
-    sync()
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
+        train.step()
+    train.sync()
+    if env.device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(env.device)
     start = time.perf_counter()
     for _ in range(args.steps):
-        step()
-    sync()
+        train.step()
+    train.sync()
     elapsed = time.perf_counter() - start
     return elapsed / args.steps, args.steps * args.micro_batch * env.world_size / elapsed
 
 
+@cli_main
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default="DiS-B/2")
-    p.add_argument("--latent", type=int, default=32, help="latent size (256 px -> 32)")
-    p.add_argument("--strategy", default="fsdp", choices=("single", "ddp", "fsdp", "deepspeed"))
-    p.add_argument("--zero-stage", type=int, default=2)
-    p.add_argument("--micro-batch", type=int, default=32)
-    p.add_argument("--ckpt", type=int, default=0, help="train.activation_checkpointing")
-    p.add_argument("--precision", default="bf16", choices=("bf16", "fp32"))
-    p.add_argument("--steps", type=int, default=10)
-    p.add_argument("--warmup", type=int, default=3)
+    add_step_args(p)
     p.add_argument("--scan-backends", default="auto",
                    help="comma-separated scan backends, each timed in turn (e.g. chunked,cpu); ratios to the first")
     args = p.parse_args(argv)
 
-    cfg = load_config(None, [
-        f"model.name={args.model}", f"data.image_size={args.latent}", f"dist.strategy={args.strategy}",
-        f"dist.zero_stage={args.zero_stage}", f"train.precision={args.precision}",
-        f"train.activation_checkpointing={args.ckpt}", f"train.micro_batch={args.micro_batch}",
-        f"train.global_batch={args.micro_batch}",
-    ])
-    env = init_distributed(args.strategy, "auto")
-    cfg.train.global_batch = args.micro_batch * env.world_size
-    spec = {"name": args.model, "input_size": args.latent, "in_channels": 4, "num_classes": 1000}
+    cfg, env, spec = setup(args)
     device = env.device
-    params = count_parameters(**spec)  # on the meta device: no second model in memory
     flops = 3 * model_flops(**spec).total
     peak = peak_flops(device, args.precision)
     setting = {"single": "ddp", "ddp": "ddp", "deepspeed": f"zero{args.zero_stage}"}.get(args.strategy, "fsdp")
@@ -111,10 +67,7 @@ def main(argv: list[str] | None = None) -> int:
     planned = est.total(args.micro_batch, bool(args.ckpt))
     planned_live = (planned - RESERVE_GB * GB) / FRAGMENTATION  # what max_memory_allocated sees
     if env.is_main:
-        print(f"{args.model} latent {args.latent} ({params / 1e6:.0f}M params), {args.strategy}"
-              f"{' ZeRO-' + str(args.zero_stage) if args.strategy == 'deepspeed' else ''}, {args.precision}, "
-              f"micro-batch {args.micro_batch} x {env.world_size} rank(s), activation checkpointing {args.ckpt}, "
-              f"on {torch.cuda.get_device_name(device) if device.type == 'cuda' else 'cpu'}")
+        print(describe(args, env, spec))
     first = None
     for backend in [b for b in args.scan_backends.split(",") if b]:
         step_s, images_per_sec = time_steps(args, cfg, env, spec, backend)
@@ -130,8 +83,6 @@ def main(argv: list[str] | None = None) -> int:
         print(f"  peak memory {mem:.2f} GB {'allocated' if device.type == 'cuda' else 'RSS'} | planner: "
               f"{planned_live / GB:.2f} GB live tensors, {planned / GB:.2f} GB with reserve and slack "
               f"(states {est.states / GB:.2f}, activations {args.micro_batch * per_image / GB:.2f})")
-    if dist.is_initialized():
-        dist.destroy_process_group()
     return 0
 
 
