@@ -162,3 +162,17 @@ def test_without_gradients_it_keeps_nothing_and_gives_the_same_outputs():
         y_sampling = bidirectional_selective_scan(**args, delta_softplus=True, backend="triton_tiled")
     assert torch.equal(y.detach(), y_sampling) and y_sampling.grad_fn is None
     assert y.grad_fn.saved_tensors[12].numel() > 1  # the tile states, kept for the backward pass
+
+
+def test_bench_scan_times_the_mixers_bidirectional_call(capsys):
+    """tools/bench_scan.py --bidirectional: a row per backend, the kept bytes of each, and the
+    memory floor counting 6 (b, d, L) tensors forward (4 inputs, z, y) and 17 forward+backward."""
+    from tools.bench_scan import Shape, floor_ms, main
+
+    main(["--bidirectional", "--shapes", "2x16x9", "--backends", "reference,cpu,triton_tiled", "--repeats", "1"])
+    rows = {line.split()[2]: line.split() for line in capsys.readouterr().out.splitlines() if line.startswith("2x16x9")}
+    assert set(rows) == {"reference", "cpu", "triton_tiled"}
+    assert float(rows["triton_tiled"][5]) < float(rows["reference"][5])  # act MB: tile states vs every step's
+    one = Shape("unit", 1, 1, 1, d_state=0)
+    assert floor_ms(one, torch.float32, 4e3, directions=2) == 6.0
+    assert floor_ms(one, torch.float32, 4e3, directions=2, backward=True) == 17.0

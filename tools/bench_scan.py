@@ -4,14 +4,20 @@
 Prints one table: backend, shape, dtype, forward ms, forward+backward ms, the scan's activation
 memory (bytes it keeps for the backward pass beyond its inputs), and the ratios to
 ``reference`` measured in the same run (medians of ``--repeats`` rounds, each running every
-backend once in turn). On a GPU it adds the floor:
-the bytes that must move (inputs read once, outputs written once) over the measured copy
-bandwidth, and the forward time as a multiple of it. ``--demo`` also times the demo trainer
-(images/s) with each backend.
+backend once in turn). On a GPU it adds the memory floor: the bytes that must move (inputs read
+once, outputs written once; in the backward pass the inputs and the output's gradient read, every
+input's gradient written) over the measured copy bandwidth, and the times as multiples of it.
+``--bidirectional`` times the DiS mixer's call instead of one direction: both directions, their
+inputs as (forward, backward) pairs in the layouts the mixer's projections write; there the
+``cuda-x1`` row is one call of mamba-ssm's kernel on one direction, and ``cuda`` is how the
+official DiS code calls it (two calls, the second on flipped copies). ``--demo`` also times the
+demo trainer (images/s) with each backend.
 
     python tools/bench_scan.py                       # CPU, fp32, every shape
     python tools/bench_scan.py --shapes dis-s2 --repeats 7 --demo
     python tools/bench_scan.py --device cuda --dtype bf16 --backends reference,chunked,triton
+    python tools/bench_scan.py --device cuda --dtype bf16 --bidirectional --shapes dis-h2-256-b16,dis-h2-512-b16 \
+        --backends triton_tiled,triton,cuda-x1,cuda
 """
 
 from __future__ import annotations
@@ -28,7 +34,11 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from dis_dist.ops.selective_scan import available_backends, selective_scan  # noqa: E402
+from dis_dist.ops.selective_scan import (  # noqa: E402
+    available_backends,
+    bidirectional_selective_scan,
+    selective_scan,
+)
 
 
 @dataclass(frozen=True)
@@ -45,6 +55,8 @@ SHAPES = {
     "dis-s2-1026": Shape("DiS-S/2 L=1026", 8, 736, 1026),
     "dis-h2-256": Shape("DiS-H/2 256px", 4, 3072, 258),
     "dis-h2-512": Shape("DiS-H/2 512px", 4, 3072, 1026),
+    "dis-h2-256-b16": Shape("DiS-H/2 256px", 16, 3072, 258),
+    "dis-h2-512-b16": Shape("DiS-H/2 512px", 16, 3072, 1026),
     "long": Shape("long L=4096", 2, 736, 4096),
 }
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -69,14 +81,41 @@ def make_inputs(shape: Shape, dtype: torch.dtype, device: torch.device) -> dict[
     )
 
 
+def make_bidirectional_inputs(shape: Shape, dtype: torch.dtype, device: torch.device) -> tuple[list, dict]:
+    """(leaves, arguments) of the mixer's bidirectional call: u (b, d, L) contiguous per direction
+    (the conv's output), delta a view of (b, L, d) memory (dt_proj's), B and C slices of one
+    (b, L, dt_rank + 2N) x_proj output per direction, z a slice of the (b, L, 2d) in_proj output."""
+    g = torch.Generator().manual_seed(0)
+    b, d, L, n = shape.batch, shape.d_inner, shape.length, shape.d_state
+    rank = -(-d // 32)  # DiS's dt_rank: ceil(d_model / 16) = ceil(d_inner / 32)
+
+    def leaf(*s: int, scale: float = 1.0) -> torch.Tensor:
+        return (torch.randn(*s, generator=g) * scale).to(device, dtype).requires_grad_()
+
+    u = [leaf(b, d, L) for _ in range(2)]
+    delta = [leaf(b, L, d, scale=0.5) for _ in range(2)]
+    x_dbl = [leaf(b, L, rank + 2 * n) for _ in range(2)]
+    in_proj = leaf(b, L, 2 * d)
+    A = -torch.arange(1, n + 1, dtype=torch.float32).repeat(2, d, 1).to(device).requires_grad_()
+    D = torch.ones(2, d, device=device, requires_grad=True)
+    bias = torch.full((2, d), -3.0, device=device, requires_grad=True)
+    args = dict(
+        u=tuple(u), delta=tuple(t.transpose(1, 2) for t in delta),
+        B=tuple(t[..., rank:rank + n].transpose(1, 2) for t in x_dbl),
+        C=tuple(t[..., rank + n:].transpose(1, 2) for t in x_dbl),
+        A=A, D=D, z=in_proj[..., d:].transpose(1, 2), delta_bias=bias,
+    )
+    return [*u, *delta, *x_dbl, in_proj, A, D, bias], args
+
+
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 
 
-def activation_bytes(fn, inputs: dict[str, torch.Tensor]) -> int:
+def activation_bytes(fn, inputs: list[torch.Tensor]) -> int:
     """Bytes of the distinct storages autograd keeps for the backward pass, inputs excluded."""
-    input_ptrs = {t.untyped_storage().data_ptr() for t in inputs.values()}
+    input_ptrs = {t.untyped_storage().data_ptr() for t in inputs}
     storages: dict[int, int] = {}
 
     def pack(t: torch.Tensor) -> torch.Tensor:
@@ -91,17 +130,26 @@ def activation_bytes(fn, inputs: dict[str, torch.Tensor]) -> int:
     return sum(storages.values())
 
 
-def _runner(backend: str, shape: Shape, dtype: torch.dtype, device: torch.device):
-    """One timed repeat of ``backend``: returns (forward s, forward+backward s)."""
-    inputs = make_inputs(shape, dtype, device)
+def _call(backend: str, shape: Shape, dtype: torch.dtype, device: torch.device, bidirectional: bool):
+    """(leaves, run): the inputs that get gradients and a call of the scan on them."""
+    if not bidirectional:
+        inputs = make_inputs(shape, dtype, device)
+        return list(inputs.values()), lambda: selective_scan(**inputs, delta_softplus=True, backend=backend)
+    leaves, args = make_bidirectional_inputs(shape, dtype, device)
+    if backend == "cuda-x1":  # one direction, as one call of mamba-ssm's kernel
+        one = {k: (v[0] if k in ("u", "delta", "B", "C", "A", "D", "delta_bias") else v) for k, v in args.items()}
+        return leaves, lambda: selective_scan(**one, delta_softplus=True, backend="cuda")
+    return leaves, lambda: bidirectional_selective_scan(**args, delta_softplus=True, backend=backend)
 
-    def run() -> torch.Tensor:
-        return selective_scan(**inputs, delta_softplus=True, backend=backend)
+
+def _runner(backend: str, shape: Shape, dtype: torch.dtype, device: torch.device, bidirectional: bool = False):
+    """One timed repeat of ``backend``: returns (forward s, forward+backward s)."""
+    inputs, run = _call(backend, shape, dtype, device, bidirectional)
 
     grad = torch.randn(shape.batch, shape.length, shape.d_inner, device=device, dtype=dtype).transpose(1, 2)
 
     def once() -> tuple[float, float]:
-        for t in inputs.values():  # as an optimiser's zero_grad(set_to_none=True): nothing accumulates
+        for t in inputs:  # as an optimiser's zero_grad(set_to_none=True): nothing accumulates
             t.grad = None
         _sync(device)
         t0 = time.perf_counter()
@@ -118,11 +166,11 @@ def _runner(backend: str, shape: Shape, dtype: torch.dtype, device: torch.device
 
 
 def time_backends(backends: list[str], shape: Shape, dtype: torch.dtype, device: torch.device,
-                  repeats: int) -> dict[str, dict]:
+                  repeats: int, bidirectional: bool = False) -> dict[str, dict]:
     """Medians over ``repeats`` rounds; each round runs every backend (and, on a CPU, the exp
     floor, as "exp floor") once, in turn, so that a noisy neighbour slows all of them alike
     rather than whichever was running."""
-    runners = {b: _runner(b, shape, dtype, device) for b in backends}
+    runners = {b: _runner(b, shape, dtype, device, bidirectional) for b in backends}
     if device.type == "cpu":
         runners["exp floor"] = _exp_floor_runner(shape)
     times: dict[str, list[tuple[float, float]]] = {b: [] for b in runners}
@@ -168,12 +216,17 @@ def _exp_floor_runner(shape: Shape):
     return once, lambda: 0
 
 
-def floor_ms(shape: Shape, dtype: torch.dtype, bandwidth: float) -> float:
-    """Inputs read once (u, delta, z, B, C) and the output written once."""
+def floor_ms(shape: Shape, dtype: torch.dtype, bandwidth: float, directions: int = 1,
+             backward: bool = False) -> float:
+    """The memory floor: per direction u, delta, B, C read once, z read and the output written
+    once; with ``backward`` also the backward pass: the inputs and the output's gradient read,
+    the gradients of u, delta, B, C (per direction) and z written."""
     item = torch.tensor([], dtype=dtype).element_size()
     b, d, L, n = shape.batch, shape.d_inner, shape.length, shape.d_state
-    moved = (3 * b * d * L + 2 * b * n * L + b * d * L) * item
-    return moved / bandwidth * 1e3
+    bdl, bnl = b * d * L, b * n * L
+    per_pass = directions * (2 * bdl + 2 * bnl) + 2 * bdl  # inputs + z, and y (forward) or dy (backward)
+    moved = per_pass + (per_pass + directions * (2 * bdl + 2 * bnl) + bdl if backward else 0)
+    return moved * item / bandwidth * 1e3
 
 
 def demo_throughput(backend: str, steps: int) -> float:
@@ -192,18 +245,36 @@ def demo_throughput(backend: str, steps: int) -> float:
         return trainer.images_per_sec
 
 
+def _ms(value: float) -> str:
+    return f"{value:.3f}" if value < 10 else f"{value:.1f}"
+
+
+def parse_shape(key: str) -> Shape:
+    """A named shape (SHAPES) or ``BxDxL`` (N = 16)."""
+    if key in SHAPES:
+        return SHAPES[key]
+    try:
+        b, d, length = (int(v) for v in key.lower().split("x"))
+    except ValueError:
+        sys.exit(f"unknown shape {key!r}: one of {', '.join(SHAPES)}, or BxDxL (e.g. 2x64x33)")
+    return Shape(key, b, d, length)
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--backends", default=None,
                    help="comma-separated, 'reference' first, 'chunked' before the backends compared to it "
                         "(default: reference,chunked,cpu on a CPU; reference,chunked,triton on a GPU)")
     p.add_argument("--shapes", default="dis-s2,dis-s2-1026,dis-h2-256,dis-h2-512,long",
-                   help=f"comma-separated of: {', '.join(SHAPES)}")
+                   help=f"comma-separated of: {', '.join(SHAPES)}, or BxDxL (N = 16)")
     p.add_argument("--dtype", default="fp32", choices=list(DTYPES))
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--skip-reference-above", type=int, default=1026,
                    help="sequence length above which the reference is not run (minutes, GBs)")
+    p.add_argument("--bidirectional", action="store_true",
+                   help="time the mixer's bidirectional call (pairs in its layouts); 'cuda-x1' is one direction "
+                        "through mamba-ssm's kernel, 'cuda' the official DiS's two calls with flips")
     p.add_argument("--demo", action="store_true", help="also time the demo trainer with each backend")
     p.add_argument("--demo-steps", type=int, default=30)
     args = p.parse_args(argv)
@@ -212,7 +283,7 @@ def main(argv: list[str] | None = None) -> None:
     dtype = DTYPES[args.dtype]
     default = "reference,chunked,cpu" if device.type == "cpu" else "reference,chunked,triton"
     backends = [b for b in (args.backends or default).split(",") if b]
-    usable = set(available_backends(device))
+    usable = set(available_backends(device)) | ({"cuda-x1"} if "cuda" in available_backends(device) else set())
     for b in backends:
         if b not in usable:
             sys.exit(f"backend {b!r} cannot run on {device}; available: {', '.join(sorted(usable))}")
@@ -221,24 +292,24 @@ def main(argv: list[str] | None = None) -> None:
           f"median of {args.repeats} rounds; activation memory = bytes saved for backward beyond the inputs")
     if bandwidth:
         print(f"copy bandwidth {bandwidth / 1e9:.0f} GB/s")
-    cols = f"{'shape':<15} {'b x d x L':>16} {'backend':<10} {'fwd ms':>9} {'fwd+bwd ms':>11} {'act MB':>9} " \
+    cols = f"{'shape':<15} {'b x d x L':>16} {'backend':<12} {'fwd ms':>9} {'fwd+bwd ms':>11} {'act MB':>9} " \
            f"{'x ref fwd':>9} {'x ref f+b':>9} {'ref/act':>8} {'x chunked f+b':>13}"
     if bandwidth:
-        cols += f" {'floor ms':>9} {'fwd/floor':>9}"
+        cols += f" {'floor ms':>9} {'fwd/floor':>9} {'f+b floor':>9} {'f+b/floor':>9}"
     else:
         cols += f" {'f+b/exp floor':>13}"
     print(cols)
     print("-" * len(cols))
     for key in args.shapes.split(","):
-        shape = SHAPES[key]
+        shape = parse_shape(key)
         ref = chunked = None
         dims = f"{shape.batch}x{shape.d_inner}x{shape.length}"
         timed = [b for b in backends if not (b == "reference" and shape.length > args.skip_reference_above)]
-        results = time_backends(timed, shape, dtype, device, args.repeats)
+        results = time_backends(timed, shape, dtype, device, args.repeats, args.bidirectional)
         exp_floor = results["exp floor"]["fwd_ms"] if "exp floor" in results else None
         for backend in backends:
             if backend not in results:
-                print(f"{shape.name:<15} {dims:>16} {backend:<10} {'(skipped: --skip-reference-above)':>40}")
+                print(f"{shape.name:<15} {dims:>16} {backend:<12} {'(skipped: --skip-reference-above)':>40}")
                 continue
             r = results[backend]
             if backend == "reference":
@@ -249,11 +320,13 @@ def main(argv: list[str] | None = None) -> None:
             speed_f = f"{ref['fwd_ms'] / r['fwd_ms']:.1f}x" if ref else "-"
             speed_t = f"{ref['total_ms'] / r['total_ms']:.1f}x" if ref else "-"
             mem = f"{ref['act_mb'] / max(r['act_mb'], 1e-9):.1f}x" if ref else "-"
-            line = (f"{shape.name:<15} {dims:>16} {backend:<10} {r['fwd_ms']:>9.1f} {r['total_ms']:>11.1f} "
+            line = (f"{shape.name:<15} {dims:>16} {backend:<12} {_ms(r['fwd_ms']):>9} {_ms(r['total_ms']):>11} "
                     f"{r['act_mb']:>9.1f} {speed_f:>9} {speed_t:>9} {mem:>8} {vs_chunked:>13}")
             if bandwidth:
-                fl = floor_ms(shape, dtype, bandwidth)
-                line += f" {fl:>9.3f} {r['fwd_ms'] / fl:>9.1f}"
+                directions = 2 if args.bidirectional and backend != "cuda-x1" else 1
+                fl = floor_ms(shape, dtype, bandwidth, directions)
+                fl_total = floor_ms(shape, dtype, bandwidth, directions, backward=True)
+                line += f" {fl:>9.3f} {r['fwd_ms'] / fl:>9.1f} {fl_total:>9.3f} {r['total_ms'] / fl_total:>9.1f}"
             else:
                 line += f" {r['total_ms'] / exp_floor:>13.2f}"
             print(line, flush=True)
@@ -268,7 +341,7 @@ def main(argv: list[str] | None = None) -> None:
         for backend in backends:
             ips = demo_throughput(backend, args.demo_steps)
             base = base or ips
-            print(f"  {backend:<10} {ips:8.1f} img/s   {ips / base:.2f}x {backends[0]}", flush=True)
+            print(f"  {backend:<12} {ips:8.1f} img/s   {ips / base:.2f}x {backends[0]}", flush=True)
 
 
 if __name__ == "__main__":

@@ -37,7 +37,8 @@ class Backend:
     scan_fn: str
     bidirectional_fn: str
     requires: str | None = None  # a package that must be importable
-    takes_initial_state: bool = True
+    # Takes an initial state and differentiates through the last one (what context parallelism needs).
+    takes_states: bool = True
     # How the bidirectional scan wants its per-direction inputs: "pairs" (read in place, any
     # strides), else stacked on a leading axis of 2, "contiguous" or "channels_last" in memory.
     directions: str = "contiguous"
@@ -77,7 +78,7 @@ BACKENDS: dict[str, Backend] = {
         Backend("triton_tiled", "triton_tiled", "selective_scan_triton_tiled",
                 "bidirectional_selective_scan_triton_tiled", requires="triton", directions="pairs"),
         Backend("cuda", "cuda", "selective_scan_cuda", "bidirectional_selective_scan_cuda",
-                requires="mamba_ssm", takes_initial_state=False),
+                takes_states=False),
     )
 }
 # Preference order of "auto" per device type; the first available backend wins.
@@ -141,24 +142,25 @@ def selective_scan(
     """Selective scan, mamba-ssm layout: u, delta, z (batch, d_inner, L); A (d_inner, N);
     B, C (batch, N, L); initial/last state (batch, d_inner, N)."""
     impl = resolve_backend(backend, u.device)
-    if initial_state is not None and not impl.takes_initial_state:
-        impl = _with_initial_state(impl, u.device)
+    if (initial_state is not None or return_last_state) and not impl.takes_states:
+        impl = _with_states(impl, u.device)
     return impl.scan(
         u, delta, A, B, C, D=D, z=z, delta_bias=delta_bias, delta_softplus=delta_softplus,
         initial_state=initial_state, return_last_state=return_last_state,
     )
 
 
-def _with_initial_state(impl: Backend, device: torch.device) -> Backend:
-    """The next backend of the device's auto order that takes an initial state (logged once)."""
+def _with_states(impl: Backend, device: torch.device) -> Backend:
+    """The next backend of the device's auto order that takes states (logged once)."""
     order = AUTO_ORDER.get(device.type, ("chunked",))
     name = next(
-        n for n in order if BACKENDS[n].takes_initial_state and BACKENDS[n].unavailable(device) is None
+        n for n in order if BACKENDS[n].takes_states and BACKENDS[n].unavailable(device) is None
     )
     key = f"{impl.name}->{name}@{device.type}"
     if key not in _logged:
         _logged.add(key)
-        log.info("selective-scan backend %s takes no initial state: such calls run on %s", impl.name, name)
+        log.info("selective-scan backend %s takes no initial state and no gradient of its last one: "
+                 "such calls run on %s", impl.name, name)
     return BACKENDS[name]
 
 
