@@ -12,7 +12,7 @@ from dis_dist.config import load_config
 from dis_dist.errors import CheckpointError
 from dis_dist.train.checkpoint import MARKER, CheckpointManager, resolve_resume
 from dis_dist.train.ema import ema_decay_at
-from dis_dist.train.lr import lr_factor
+from dis_dist.train.optim import lr_factor
 from dis_dist.train.trainer import Trainer
 
 

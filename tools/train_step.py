@@ -21,6 +21,7 @@ from dis_dist.distributed.env import DistEnv, init_distributed
 from dis_dist.distributed.strategy import Strategy, build_strategy
 from dis_dist.models import build_model
 from dis_dist.models.flops import count_parameters
+from dis_dist.train.optim import adamw
 
 STEP_RANGES = ("forward+backward", "optimizer", "ema")  # the record_function ranges of a step
 EMA_DECAY = 0.9999
@@ -73,14 +74,14 @@ class TrainStep:
 
 
 def build_train_step(args: argparse.Namespace, cfg: RunConfig, env: DistEnv, spec: dict, backend: str) -> TrainStep:
-    """A fresh model (seed 0) with the scan ``backend`` under the strategy of ``cfg``, AdamW at a
-    constant rate, and a step on fixed random latents with fresh diffusion times."""
+    """A fresh model (seed 0) with the scan ``backend`` under the strategy of ``cfg``, the trainer's
+    AdamW at a constant rate, and a step on fixed random latents with fresh diffusion times."""
     torch.manual_seed(0)
     model = build_model(**spec, scan_backend=backend)
     model.set_activation_checkpointing(args.ckpt)
     strategy = build_strategy(
         env, cfg, model, 1,
-        lambda groups: torch.optim.AdamW(groups, lr=1e-4),
+        lambda groups: adamw(groups, cfg.optim, env.device),
         lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 1.0),
     )
     diffusion = create_diffusion(learn_sigma=True)

@@ -33,8 +33,8 @@ from dis_dist.sample import generate_share, sample_settings
 from dis_dist.train.checkpoint import CheckpointManager, resolve_resume, verify_checkpoint
 from dis_dist.train.ema import ema_decay_at
 from dis_dist.train.evaluation import Evaluator
-from dis_dist.train.lr import lr_factor
 from dis_dist.train.metrics import RunLogger, format_duration, free_memory_bytes, peak_flops, peak_memory_gb
+from dis_dist.train.optim import adamw, lr_factor
 from dis_dist.train.preemption import StopRequest
 from dis_dist.train.safe_load import load_torch
 from dis_dist.utils.images import make_grid, save_png
@@ -123,7 +123,7 @@ class Trainer:
         opt = cfg.optim
 
         def make_optimizer(groups: list[dict]) -> torch.optim.Optimizer:
-            return torch.optim.AdamW(groups, lr=opt.lr, betas=tuple(opt.betas), eps=opt.eps)
+            return adamw(groups, opt, self.env.device)
 
         def make_scheduler(optimizer: torch.optim.Optimizer) -> torch.optim.lr_scheduler.LRScheduler:
             return torch.optim.lr_scheduler.LambdaLR(

@@ -1,0 +1,27 @@
+"""The optimiser: AdamW, and its learning-rate schedule (linear warm-up, then constant or cosine
+decay to a floor)."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from dis_dist.config import OptimConfig
+
+
+def adamw(groups: list[dict], opt: OptimConfig, device: torch.device) -> torch.optim.AdamW:
+    """AdamW over parameter ``groups`` with the run's settings; on a GPU the fused implementation
+    (one kernel launch for all parameters, rather than a few per group and state)."""
+    return torch.optim.AdamW(groups, lr=opt.lr, betas=tuple(opt.betas), eps=opt.eps,
+                             fused=True if device.type == "cuda" else None)
+
+
+def lr_factor(step: int, *, warmup: int, total: int, schedule: str, min_ratio: float = 0.0) -> float:
+    """Multiplier of the base lr for optimiser step ``step`` (0-based)."""
+    if warmup > 0 and step < warmup:
+        return (step + 1) / warmup
+    if schedule == "constant":
+        return 1.0
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
