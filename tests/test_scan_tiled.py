@@ -14,6 +14,7 @@ from dis_dist.ops.selective_scan import bidirectional_selective_scan
 from tests.conftest import require
 
 F64 = torch.float64
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")  # the reference stays on the CPU
 
 
 @pytest.fixture(autouse=True)
@@ -22,7 +23,7 @@ def _triton() -> None:
 
 
 def _rel(a: torch.Tensor, ref: torch.Tensor) -> float:
-    a, ref = a.detach().double(), ref.detach().double()
+    a, ref = a.detach().cpu().double(), ref.detach().cpu().double()
     return float((a - ref).abs().max() / ref.abs().max().clamp_min(1e-30))
 
 
@@ -45,14 +46,16 @@ def _mixer_layout_inputs(b: int, d: int, L: int, N: int, dtype: torch.dtype, see
     }
 
     def views(t: dict, dt: torch.dtype) -> dict:
+        dev = torch.device("cpu") if dt == F64 else DEVICE
+        params = torch.float32 if dt == torch.bfloat16 else dt
         leaves = {
-            "u": [x.to(dt).requires_grad_() for x in t["u"]],
+            "u": [x.to(dev, dt).requires_grad_() for x in t["u"]],
             # the same strides as in the mixer: a transposed view of channels-last memory
-            "delta": [x.transpose(1, 2).to(dt).requires_grad_() for x in t["delta"]],
-            "x_dbl": [x.to(dt).requires_grad_() for x in t["x_dbl"]],
-            "in_proj": t["in_proj"].to(dt).requires_grad_(),
-            "A": t["A"].clone().requires_grad_(), "D": t["D"].clone().requires_grad_(),
-            "delta_bias": t["delta_bias"].clone().requires_grad_(),
+            "delta": [x.transpose(1, 2).to(dev, dt).requires_grad_() for x in t["delta"]],
+            "x_dbl": [x.to(dev, dt).requires_grad_() for x in t["x_dbl"]],
+            "in_proj": t["in_proj"].to(dev, dt).requires_grad_(),
+            "A": t["A"].to(dev, params).requires_grad_(), "D": t["D"].to(dev, params).requires_grad_(),
+            "delta_bias": t["delta_bias"].to(dev, params).requires_grad_(),
         }
         args = {
             "u": tuple(leaves["u"]), "delta": tuple(x.transpose(1, 2) for x in leaves["delta"]),
@@ -88,7 +91,7 @@ def test_mixer_layouts_are_read_in_place_and_match_the_reference(dtype, tol):
         assert {t.data_ptr() for t in args[name]} <= saved, name
     assert args["z"].data_ptr() in saved
     gy = torch.randn(y_ref.shape, dtype=F64)
-    grads = torch.autograd.grad((y.double() * gy).sum(), _flat_leaves(leaves))
+    grads = torch.autograd.grad((y.double() * gy.to(DEVICE)).sum(), _flat_leaves(leaves))
     grads_ref = torch.autograd.grad((y_ref * gy).sum(), _flat_leaves(ref_leaves))
     for a, r in zip(grads, grads_ref):
         assert _rel(a, r) <= tol
@@ -115,19 +118,19 @@ def test_tile_shapes_that_do_not_divide_the_sequence_or_channels(tile, block_d, 
         base = [r(b, d, L), r(b, d, L) - 1, -torch.rand(d, N, generator=g, dtype=F64) - 0.1,
                 r(b, N, L), r(b, N, L), r(d), r(b, d, L), r(d), r(b, d, N)]
     ref = [t.clone().requires_grad_() for t in base]
-    low = [t.float().requires_grad_() for t in base]
+    low = [t.to(DEVICE, torch.float32).requires_grad_() for t in base]
     kw = dict(delta_softplus=True)
     if bidirectional:
         y_ref = BACKENDS["reference"].bidirectional(*ref, **kw)
         y = BACKENDS["triton_tiled"].bidirectional(*low, **kw, chunk_size=tile, block_d=block_d)
-        loss_ref, loss = y_ref.square().sum(), y.double().square().sum()
+        loss_ref, loss = y_ref.square().sum(), y.double().square().sum().cpu()
     else:
         y_ref, last_ref = BACKENDS["reference"].scan(*ref[:8], **kw, initial_state=ref[8], return_last_state=True)
         y, last = BACKENDS["triton_tiled"].scan(*low[:8], **kw, initial_state=low[8], return_last_state=True,
                                                 chunk_size=tile, block_d=block_d)
         assert _rel(last, last_ref) <= 1e-5
         loss_ref = y_ref.square().sum() + last_ref.sum()
-        loss = y.double().square().sum() + last.double().sum()
+        loss = (y.double().square().sum() + last.double().sum()).cpu()
     assert not y.isnan().any() and _rel(y, y_ref) <= 1e-5
     for a, r_ in zip(torch.autograd.grad(loss, low), torch.autograd.grad(loss_ref, ref)):
         assert not a.isnan().any() and _rel(a, r_) <= 1e-5
@@ -169,9 +172,15 @@ def test_bench_scan_times_the_mixers_bidirectional_call(capsys):
     memory floor counting 6 (b, d, L) tensors forward (4 inputs, z, y) and 17 forward+backward."""
     from tools.bench_scan import Shape, floor_ms, main
 
-    main(["--bidirectional", "--shapes", "2x16x9", "--backends", "reference,cpu,triton_tiled", "--repeats", "1"])
-    rows = {line.split()[2]: line.split() for line in capsys.readouterr().out.splitlines() if line.startswith("2x16x9")}
+    main(["--bidirectional", "--shapes", "2x16x9", "--backends", "reference,cpu,triton_tiled", "--repeats", "1",
+          "--check", "2x8x11"])
+    out = capsys.readouterr().out.splitlines()
+    rows = {line.split()[2]: line.split() for line in out if line.startswith("2x16x9")}
     assert set(rows) == {"reference", "cpu", "triton_tiled"}
+    checks = {line.split()[1]: line for line in out if line.startswith("check ")}
+    assert set(checks) == {"cpu", "triton_tiled"}
+    for line in checks.values():  # "... y 1.2e-07, worst gradient dA 3.4e-07": fp32 within 1e-5
+        assert float(line.split()[5].rstrip(",")) < 1e-5 and float(line.split()[-1]) < 1e-5
     assert float(rows["triton_tiled"][5]) < float(rows["reference"][5])  # act MB: tile states vs every step's
     one = Shape("unit", 1, 1, 1, d_state=0)
     assert floor_ms(one, torch.float32, 4e3, directions=2) == 6.0

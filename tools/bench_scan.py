@@ -87,25 +87,58 @@ def make_bidirectional_inputs(shape: Shape, dtype: torch.dtype, device: torch.de
     (b, L, dt_rank + 2N) x_proj output per direction, z a slice of the (b, L, 2d) in_proj output."""
     g = torch.Generator().manual_seed(0)
     b, d, L, n = shape.batch, shape.d_inner, shape.length, shape.d_state
-    rank = -(-d // 32)  # DiS's dt_rank: ceil(d_model / 16) = ceil(d_inner / 32)
 
     def leaf(*s: int, scale: float = 1.0) -> torch.Tensor:
         return (torch.randn(*s, generator=g) * scale).to(device, dtype).requires_grad_()
 
-    u = [leaf(b, d, L) for _ in range(2)]
-    delta = [leaf(b, L, d, scale=0.5) for _ in range(2)]
-    x_dbl = [leaf(b, L, rank + 2 * n) for _ in range(2)]
-    in_proj = leaf(b, L, 2 * d)
-    A = -torch.arange(1, n + 1, dtype=torch.float32).repeat(2, d, 1).to(device).requires_grad_()
-    D = torch.ones(2, d, device=device, requires_grad=True)
-    bias = torch.full((2, d), -3.0, device=device, requires_grad=True)
-    args = dict(
-        u=tuple(u), delta=tuple(t.transpose(1, 2) for t in delta),
-        B=tuple(t[..., rank:rank + n].transpose(1, 2) for t in x_dbl),
-        C=tuple(t[..., rank + n:].transpose(1, 2) for t in x_dbl),
+    leaves = [
+        *(leaf(b, d, L) for _ in range(2)),  # u
+        *(leaf(b, L, d, scale=0.5) for _ in range(2)),  # delta
+        *(leaf(b, L, -(-d // 32) + 2 * n) for _ in range(2)),  # x_dbl; DiS's dt_rank: ceil(d_inner / 32)
+        leaf(b, L, 2 * d),  # in_proj
+        -torch.arange(1, n + 1, dtype=torch.float32).repeat(2, d, 1).to(device).requires_grad_(),  # A
+        torch.ones(2, d, device=device, requires_grad=True),  # D
+        torch.full((2, d), -3.0, device=device, requires_grad=True),  # dt bias
+    ]
+    return leaves, bidirectional_arguments(leaves, n)
+
+
+def bidirectional_arguments(leaves: list[torch.Tensor], n: int) -> dict:
+    """The mixer's views of :func:`make_bidirectional_inputs`' leaves."""
+    u0, u1, dl0, dl1, x0, x1, in_proj, A, D, bias = leaves
+    d, rank = u0.shape[1], x0.shape[-1] - 2 * n
+    return dict(
+        u=(u0, u1), delta=(dl0.transpose(1, 2), dl1.transpose(1, 2)),
+        B=tuple(t[..., rank:rank + n].transpose(1, 2) for t in (x0, x1)),
+        C=tuple(t[..., rank + n:].transpose(1, 2) for t in (x0, x1)),
         A=A, D=D, z=in_proj[..., d:].transpose(1, 2), delta_bias=bias,
     )
-    return [*u, *delta, *x_dbl, in_proj, A, D, bias], args
+
+
+def check(backends: list[str], shape: Shape, dtype: torch.dtype, device: torch.device) -> None:
+    """Correct first: each backend's bidirectional output and every gradient against the float64
+    reference on the CPU, on the same (rounded) values, as max |error| / max |reference|."""
+    ref_out = None
+    for backend in [b for b in backends if b not in ("reference", "cuda-x1")]:
+        leaves, args = make_bidirectional_inputs(shape, dtype, device)
+        if ref_out is None:
+            ref_leaves = [t.detach().cpu().double().requires_grad_() for t in leaves]
+            ref_out = bidirectional_selective_scan(**bidirectional_arguments(ref_leaves, shape.d_state),
+                                                   delta_softplus=True, backend="reference")
+            grad = torch.randn(ref_out.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+            ref_grads = torch.autograd.grad((ref_out * grad).sum(), ref_leaves)
+        out = bidirectional_selective_scan(**args, delta_softplus=True, backend=backend)
+        grads = torch.autograd.grad((out.double() * grad.to(device)).sum(), leaves)
+
+        def rel(a: torch.Tensor, r: torch.Tensor) -> float:
+            a, r = a.detach().cpu().double(), r.detach()
+            return float((a - r).abs().max() / r.abs().max().clamp_min(1e-30))
+
+        errors = {name: rel(a, r) for name, a, r in zip(
+            ("du0", "du1", "ddelta0", "ddelta1", "dx_dbl0", "dx_dbl1", "dz", "dA", "dD", "dbias"), grads, ref_grads)}
+        worst = max(errors, key=errors.get)
+        print(f"check {backend:<12} {shape.batch}x{shape.d_inner}x{shape.length} {str(dtype)[6:]}: "
+              f"y {rel(out, ref_out):.2e}, worst gradient {worst} {errors[worst]:.2e}", flush=True)
 
 
 def _sync(device: torch.device) -> None:
@@ -275,6 +308,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--bidirectional", action="store_true",
                    help="time the mixer's bidirectional call (pairs in its layouts); 'cuda-x1' is one direction "
                         "through mamba-ssm's kernel, 'cuda' the official DiS's two calls with flips")
+    p.add_argument("--check", default=None, metavar="BxDxL",
+                   help="first compare every backend's bidirectional call with the float64 reference at this shape")
     p.add_argument("--demo", action="store_true", help="also time the demo trainer with each backend")
     p.add_argument("--demo-steps", type=int, default=30)
     args = p.parse_args(argv)
@@ -287,6 +322,8 @@ def main(argv: list[str] | None = None) -> None:
     for b in backends:
         if b not in usable:
             sys.exit(f"backend {b!r} cannot run on {device}; available: {', '.join(sorted(usable))}")
+    if args.check:
+        check(backends, parse_shape(args.check), dtype, device)
     bandwidth = copy_bandwidth(device) if device.type == "cuda" else None
     print(f"device {device} ({torch.get_num_threads()} threads), dtype {args.dtype}, "
           f"median of {args.repeats} rounds; activation memory = bytes saved for backward beyond the inputs")
