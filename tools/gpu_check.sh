@@ -1,113 +1,131 @@
 #!/usr/bin/env bash
-# Everything GPU-side in one call (for a session lent a GPU through the device tool): the
-# triton scan tests on the GPU, FSDP training steps of DiS-H/2 and DiS-B/2 (bf16, activation
-# checkpointing) beside the planner's estimate, meta-device init and memory-bounded sampling of
-# DiS-H/2, tools/sample.py, the scan backends against each other, bf16 numerics against
-# float64, and context parallelism on the GPU. Most important first; each step has its own time
-# limit, so one that hangs costs its limit and no more, and the summary at the end lists every
-# step's exit status and seconds (124: over its limit).
-#   bash tools/gpu_check.sh 2>&1 | tee "$OUT/gpu_check.txt"
-# Needs webdataset and braceexpand besides the machine's PyTorch (carry their wheels).
+# Everything GPU-side in one call of under 8 minutes, most important first (for a session lent a
+# GPU through the device tool; carry .gpu_deps, made here by `bash tools/gpu_deps.sh`):
+#   1. mamba-ssm's selective_scan_cuda built from its sdist (in the background while 2 runs);
+#   2. the triton_tiled scan's tests on the GPU;
+#   3. the scan: every backend against the float64 reference, then the table at DiS-H/2's shapes
+#      (b 16, d 3072, L 258 and 1026, bf16): triton_tiled, triton, mamba-ssm once (cuda-x1) and
+#      as the official DiS calls it (cuda: two calls and the flips), with the memory floor;
+#   4. training steps, FSDP bf16: DiS-H/2 at the first check's setting with the old and the new
+#      scan, then DiS-H/2 and DiS-B/2 at micro-batch 16/32/64 with and without checkpointing
+#      (MFU, peak memory beside the planner's estimate);
+#   5. the step's profile (GPU busy vs wall, time by family) before (triton) and after (triton_tiled);
+#   6. DeepSpeed ZeRO-2 for one step; 7. encode images/s with the SD-VAE architecture (random
+#      weights, bf16, 256 px); then, time permitting, bf16 numerics and context parallelism.
+# Each step runs under its own time limit, and none starts once the budget (BUDGET_S, 450 s) is
+# spent; a summary lists every step's exit status and seconds (124: over its limit).
+#   device run: bash tools/gpu_check.sh "$OUT"     (carry: .gpu_deps; timeout_s 540)
 set -u
+OUTDIR=${1:-gpu_check_out}
+DEPS=${GPU_DEPS:-.gpu_deps}
+BUDGET_S=${BUDGET_S:-450}
+mkdir -p "$OUTDIR"
+exec > >(tee "$OUTDIR/gpu_check.txt") 2>&1
 PYTHONPATH="${PYTHONPATH:-}:$PWD"
 export PYTHONPATH PYTHONUNBUFFERED=1
 PY="${PYTHON:-python3}"
+WORK=$(mktemp -d)
+trap 'rm -rf "$WORK"' EXIT
 SUMMARY=()
-step() {  # step NAME LIMIT_S CMD...: run CMD under LIMIT_S, note its exit status and time
+step() {  # step NAME LIMIT_S CMD...: run CMD under LIMIT_S unless the budget is spent
     local name=$1 limit=$2 t0=$SECONDS rc
     shift 2
-    echo; echo "=== $name (limit ${limit} s)"
+    if (( SECONDS + 10 > BUDGET_S )); then
+        SUMMARY+=("$(printf '%-34s skipped (budget of %d s spent)' "$name" "$BUDGET_S")")
+        return 125
+    fi
+    echo; echo "=== $name (limit ${limit} s, at ${SECONDS} s)"
     timeout -k 10 "$limit" "$@"
     rc=$?
     echo "=== $name: rc $rc in $((SECONDS - t0)) s"
-    SUMMARY+=("$(printf '%-28s rc %3d %5d s' "$name" "$rc" "$((SECONDS - t0))")")
+    SUMMARY+=("$(printf '%-34s rc %3d %5d s' "$name" "$rc" "$((SECONDS - t0))")")
     return $rc
 }
-WORK=$(mktemp -d)
-trap 'rm -rf "$WORK"' EXIT
-step "environment" 60 "$PY" -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__,
-'cuda', torch.version.cuda, torch.cuda.get_device_name(0), f'{torch.cuda.get_device_properties(0).total_memory / 2**30:.0f} GiB')"
-step "triton scan tests" 120 "$PY" -m pytest -q tests/test_scan_backends.py -p no:cacheprovider \
-    -k "triton and (matches_reference_fp32 or variants or bf16_inputs)"
-step "train DiS-H/2 fsdp ckpt" 120 "$PY" tools/bench_train.py --model DiS-H/2 --strategy fsdp --micro-batch 16 --ckpt 1 --steps 5
 
-# Meta-device init and memory-bounded sampling on the GPU: DiS-H/2 under FSDP (one rank), one
-# step, then an 80-image guided grid in planned micro-batches; peak memory of each phase.
-cat >"$WORK/grid.py" <<'PY'
-import sys, time, torch
-from dis_dist.config import load_config
-from dis_dist.data.shards import write_random_cache
-from dis_dist.train.trainer import Trainer
+step "environment" 30 "$PY" -c "import torch, triton; p = torch.cuda.get_device_properties(0); print('torch',
+torch.__version__, 'triton', triton.__version__, 'cuda', torch.version.cuda, p.name, p.multi_processor_count, 'SMs',
+f'{p.total_memory / 2**30:.0f} GiB')"
+step "install carried wheels" 90 "$PY" -m pip install -q --no-index --find-links "$DEPS" webdataset deepspeed diffusers
 
-if __name__ == "__main__":  # the loader's spawned workers import this file
-    out = sys.argv[1]
-    write_random_cache(f"{out}/data", shards=2, per_shard=16, channels=4, size=32, classes=1000)
-    cfg = load_config(None, [f"run_dir={out}/run", "data.source=shards", f"data.url={out}/data", "model.name=DiS-H/2",
-                             "train.steps=1", "train.global_batch=8", "train.micro_batch=8", "train.precision=bf16",
-                             "train.activation_checkpointing=1", "dist.strategy=fsdp", "sample.every=0",
-                             "sample.num=80", "sample.cfg_scale=4.0", "sample.steps=ddim5", "sample.sampler=ddim",
-                             "checkpoint.every=0"])
-    t = time.perf_counter(); trainer = Trainer(cfg); torch.cuda.synchronize()
-    print(f"init (meta-device, fsdp): {time.perf_counter() - t:.1f} s, {torch.cuda.max_memory_allocated() / 2**30:.2f} GiB")
-    trainer.fit(resume="none", stop_at_step=1)
-    print(f"one step: peak {torch.cuda.max_memory_allocated() / 2**30:.2f} GiB; sampling batch {trainer.sample_batch}")
-    torch.cuda.reset_peak_memory_stats(); t = time.perf_counter()
-    grid = trainer.sample_grid(); torch.cuda.synchronize()
-    print(f"80-image guided grid: {time.perf_counter() - t:.1f} s, peak {torch.cuda.max_memory_allocated() / 2**30:.2f} GiB, "
-          f"grid {grid.shape}")
+# 1. The mamba-ssm build runs beside the tests (they need little CPU).
+MAMBA_EXT="$WORK/mamba_ext"
+(timeout -k 10 300 "$PY" tools/build_mamba_scan.py "$DEPS" --out "$MAMBA_EXT" >"$OUTDIR/mamba_build.txt" 2>&1;
+ echo "exit status $?" >>"$OUTDIR/mamba_build.txt") &
+BUILD_PID=$!
+
+# 2. The tiled scan on the GPU: the mixer's layouts (fp32, bf16), one tile shape that divides
+# nothing, the states of one direction, against the float64 reference on the CPU.
+step "triton_tiled tests" 150 "$PY" -m pytest -q -p no:cacheprovider tests/test_scan_tiled.py tests/test_scan_backends.py \
+    -k "mixer_layouts or (tile_shapes and 8-16) or (triton_tiled and (bf16_inputs or fp32 or bidirectional))" \
+    -m "not slow"
+
+t0=$SECONDS; wait "$BUILD_PID"
+echo; echo "=== mamba-ssm build (waited $((SECONDS - t0)) s):"; tail -5 "$OUTDIR/mamba_build.txt"
+SUMMARY+=("$(printf '%-34s %s' "mamba-ssm build" "$(tail -1 "$OUTDIR/mamba_build.txt")")")
+export DIS_MAMBA_SCAN_EXT="$MAMBA_EXT"
+SCANS=triton_tiled,triton
+"$PY" -c "import torch; from dis_dist.ops.selective_scan import available_backends as a; import sys;
+sys.exit('cuda' not in a(torch.device('cuda')))" && SCANS=triton_tiled,triton,cuda-x1,cuda
+
+# 3. The scan table.
+step "scan check + table (bf16)" 150 "$PY" tools/bench_scan.py --device cuda --dtype bf16 --bidirectional \
+    --check 2x512x258 --shapes dis-h2-256-b16,dis-h2-512-b16 --backends "$SCANS" --repeats 5
+
+# 4. Training steps (FSDP on one GPU, bf16).
+step "DiS-H/2 mb16 ckpt: old vs new scan" 90 "$PY" tools/bench_train.py --model DiS-H/2 --strategy fsdp \
+    --micro-batch 16 --ckpt 1 --steps 5 --scan-backends triton,triton_tiled
+step "DiS-H/2 sweep (triton_tiled)" 120 "$PY" tools/bench_train.py --model DiS-H/2 --strategy fsdp \
+    --micro-batches 32,64 --ckpts 1,0 --steps 4 --warmup 2 --scan-backends triton_tiled
+step "DiS-B/2 sweep (triton_tiled)" 90 "$PY" tools/bench_train.py --model DiS-B/2 --strategy fsdp \
+    --micro-batches 16,32,64 --ckpts 1,0 --steps 5 --warmup 2 --scan-backends triton_tiled
+
+# 5. Where the step's time goes, before and after.
+for scan in triton triton_tiled; do
+    step "profile DiS-H/2 mb16 ($scan)" 60 "$PY" tools/profile_step.py --model DiS-H/2 --strategy fsdp --micro-batch 16 \
+        --ckpt 1 --scan-backend "$scan" --steps 2 --warmup 2 --json "$OUTDIR/profile_$scan.json"
+done
+
+# 6. DeepSpeed ZeRO-2, one step.
+step "DeepSpeed ZeRO-2 DiS-B/2" 90 "$PY" tools/bench_train.py --model DiS-B/2 --strategy deepspeed --zero-stage 2 \
+    --micro-batch 32 --steps 1 --warmup 1 --scan-backends triton_tiled
+
+# 7. Encoding with the SD-VAE architecture (random weights): 512 random 288 px JPEGs cropped to
+# 256, bf16; the rate counts the whole command (start-up, decoding, flips).
+cat >"$WORK/vae_setup.py" <<'PY'
+import sys
+from pathlib import Path
+import numpy as np
+from diffusers import AutoencoderKL
+from PIL import Image
+root = Path(sys.argv[1])
+AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(128, 256, 512, 512),
+              down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+              layers_per_block=2, sample_size=256).save_pretrained(root / "vae")
+rng = np.random.default_rng(0)
+for i in range(512):
+    folder = root / "images" / f"c{i % 4}"
+    folder.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(rng.integers(0, 256, (288, 288, 3), dtype=np.uint8)).save(folder / f"{i}.jpg")
 PY
-step "DiS-H/2 init, step, grid" 150 "$PY" -m torch.distributed.run --standalone --nproc_per_node=1 "$WORK/grid.py" "$WORK/grid"
+cat >"$WORK/encode.sh" <<SH
+set -e
+"$PY" "$WORK/vae_setup.py" "$WORK/enc"
+t0=\$(date +%s.%N)
+"$PY" tools/encode_latents.py --input "$WORK/enc/images" --output "$WORK/enc/cache" --vae "$WORK/enc/vae" \\
+    --resolution 256 --device cuda --precision bf16 --batch-size 64 --no-progress
+"$PY" -c "import sys; s = float(sys.argv[2]) - float(sys.argv[1]); print(f'encode: 512 images (and flips) in {s:.1f} s: {512 / s:.0f} images/s, start-up included')" "\$t0" "\$(date +%s.%N)"
+SH
+step "encode SD-VAE (random weights)" 90 bash "$WORK/encode.sh"
 
-# Sampling and evaluation on the GPU: tools/sample.py (bf16) on an untrained DiS-S/2 in pixel
-# space, then the Inception network's throughput (random weights: speed only).
-cat >"$WORK/sample_setup.py" <<'PY'
-import json, sys, time
-import torch
-from safetensors.torch import save_file
-from dis_dist.eval.inception import load_inception
-from dis_dist.models import build_model
-from dis_dist.train.export import BUILD_KEYS
-out = sys.argv[1]
-info = {"name": "DiS-S/2", "input_size": 32, "in_channels": 3, "num_classes": 10, "learn_sigma": True,
-        "vae": "pixels", "scaling_factor": 1.0, "class_names": [str(i) for i in range(10)]}
-save_file(build_model(**{k: info[k] for k in BUILD_KEYS}).state_dict(), f"{out}/model.safetensors")
-json.dump(info, open(f"{out}/config.json", "w"))
-net = load_inception(None, "cuda")
-x = torch.randint(0, 256, (250, 256, 256, 3), dtype=torch.uint8, device="cuda")
-net(x); torch.cuda.synchronize(); t = time.perf_counter()
-for _ in range(4):
-    net(x)
-torch.cuda.synchronize()
-print(f"inception features: {1000 / (time.perf_counter() - t):.0f} images/s (fp32, 256 px inputs)")
-PY
-mkdir -p "$WORK/sample"
-step "inception throughput" 90 "$PY" "$WORK/sample_setup.py" "$WORK/sample"
-step "tools/sample.py 512" 90 "$PY" tools/sample.py "$WORK/sample" --out "$WORK/sample/samples" --num-samples 512 \
-    --batch-size 256 --steps 50 --cfg-scale 1.5 --device cuda
-"$PY" -c "import numpy as np, sys; z = np.load(sys.argv[1]); print('samples', z['arr_0'].shape, z['arr_0'].dtype)" \
-    "$WORK/sample/samples/samples.npz"
-
-step "bench_scan bf16" 200 "$PY" tools/bench_scan.py --device cuda --dtype bf16 --backends reference,chunked,triton \
-    --shapes dis-s2,dis-h2-256,dis-h2-512 --repeats 3 --skip-reference-above 1100
-step "train DiS-B/2 fsdp ckpt" 90 "$PY" tools/bench_train.py --model DiS-B/2 --strategy fsdp --micro-batch 32 --ckpt 1 --steps 10
-step "train DiS-H/2 fsdp no ckpt" 90 "$PY" tools/bench_train.py --model DiS-H/2 --strategy fsdp --micro-batch 4 --ckpt 0 --steps 5
-# bf16 numerics under CUDA autocast, single and FSDP (NCCL, one rank), against float64.
-step "bf16 numerics" 90 "$PY" tools/bench_numerics.py --device cuda
-
-# Context parallelism on the GPU: two ranks sharing it over gloo (NCCL refuses two ranks on one
-# GPU), a DiS-S-shaped model (width 368, depth 4) at L = 1026 split over both against the unsplit
-# model (outputs and every gradient, fp32, the GPU's scan backend, within 1e-5), with and without
-# activation checkpointing. (2026-12-04: 2.6e-6 with, in 30 s; an fp64 chunked case at L 1026
-# and an fp32 one at L 4098 did not finish in 150 s there.)
+# Time permitting: bf16 numerics and context parallelism, as in the first check.
+step "bf16 numerics" 60 "$PY" tools/bench_numerics.py --device cuda
 cat >"$WORK/cp.json" <<JSON
-{"cases": [{"model": {"width": 368, "depth": 4, "input_size": 64}, "batch": 2, "dtype": "float32",
-            "backend": "auto", "checkpointing": true, "splits": [2], "device": "cuda"},
-           {"model": {"width": 368, "depth": 4, "input_size": 32}, "batch": 2, "dtype": "float32",
-            "backend": "auto", "checkpointing": false, "splits": [2], "device": "cuda"}],
+{"cases": [{"model": {"width": 368, "depth": 4, "input_size": 32}, "batch": 2, "dtype": "float32",
+            "backend": "triton_tiled", "checkpointing": false, "splits": [2], "device": "cuda"}],
  "out": "$WORK/cp_errors.json"}
 JSON
-step "context parallel 2 ranks" 120 "$PY" -m torch.distributed.run --standalone --nproc_per_node=2 tests/cp_run.py "$WORK/cp.json" \
-    && echo "context parallel on cuda, max relative errors (fp32, L 1026 with checkpointing, L 258 without; 2 ranks): $(cat "$WORK/cp_errors.json")"
+step "context parallel (triton_tiled)" 60 "$PY" -m torch.distributed.run --standalone --nproc_per_node=2 \
+    tests/cp_run.py "$WORK/cp.json" && echo "context parallel, max relative error: $(cat "$WORK/cp_errors.json")"
 
-echo; echo "=== summary (rc 124: over its limit)"
+echo; echo "=== summary (rc 124: over its limit; $SECONDS s in all)"
 printf '%s\n' "${SUMMARY[@]}"

@@ -4,15 +4,21 @@
 #   - mamba-ssm's sdist (pinned), from which tools/build_mamba_scan.py builds only its
 #     selective-scan CUDA extension (no install, none of its Python dependencies);
 #   - wheels of webdataset and braceexpand (py3-none-any), and PyYAML for CPython 3.12 manylinux
-#     (webdataset imports yaml at import time; numpy and torch are there already).
-# On the GPU machine: python3 -m pip install --no-index --find-links DIR webdataset
+#     (webdataset imports yaml at import time; numpy and torch are there already);
+#   - DeepSpeed (a wheel built here from its sdist, without ops: pure Python) and the packages it
+#     needs that the machine lacks (hjson, pydantic and its parts), for the ZeRO step;
+#   - diffusers and importlib_metadata, for encoding with an AutoencoderKL.
+# On the GPU machine: python3 -m pip install --no-index --find-links DIR webdataset deepspeed diffusers
 # Usage: bash tools/gpu_deps.sh [DIR]   (default .gpu_deps; idempotent: present files are kept)
 set -euo pipefail
 DIR=${1:-.gpu_deps}
 PY=${PYTHON:-python3}
 MAMBA_VERSION=2.3.2.post1
 MAMBA_SHA256=104cc47e9101e5401a675fa2b784f2952b9b037f3b1dd83b5ac544394e95d028
-WHEELS=(webdataset==1.0.2 braceexpand==0.1.7 PyYAML==6.0.4)
+WHEELS=(webdataset==1.0.2 braceexpand==0.1.7 PyYAML==6.0.4 hjson==3.1.0 pydantic==2.14.4 pydantic_core==2.50.5
+        annotated-types==0.8.0 typing-inspection==0.4.5 typing_extensions==4.15.0 diffusers==0.42.1
+        importlib_metadata==10.2.0)
+DEEPSPEED_VERSION=0.19.8
 mkdir -p "$DIR"
 
 sdist="$DIR/mamba_ssm-$MAMBA_VERSION.tar.gz"
@@ -41,3 +47,12 @@ for f in "$DIR"/*.whl; do
     name=$(basename "$f")
     if grep -qxF "$name" <<<"$before"; then echo "present: $f"; else echo "fetched: $f"; fi
 done
+
+# DeepSpeed publishes only an sdist: build its wheel here, ops left to JIT (DS_BUILD_OPS=0), with
+# this interpreter's torch (no build isolation: that would download another torch).
+if compgen -G "$DIR/deepspeed-$DEEPSPEED_VERSION-*.whl" >/dev/null; then
+    echo "present: $(ls "$DIR"/deepspeed-$DEEPSPEED_VERSION-*.whl)"
+else
+    DS_BUILD_OPS=0 "$PY" -m pip wheel --quiet --no-deps --no-build-isolation -w "$DIR" "deepspeed==$DEEPSPEED_VERSION"
+    echo "fetched: $(ls "$DIR"/deepspeed-$DEEPSPEED_VERSION-*.whl) (built here)"
+fi
