@@ -139,6 +139,9 @@ class CheckpointConfig:
     keep_every: int = 0  # also keep every checkpoint whose step is a multiple of this; 0: none
     async_save: bool = False  # fsdp: write shards in a background thread while training goes on (copied to
     # CPU memory first; the checkpoint is marked complete at the next save or at the end of training)
+    lock_lease_s: int = 600  # one job per run_dir: a job's lease on it (run_dir/run.lock, renewed every
+    # lock_lease_s/10 s while it trains) lapses this long after its last renewal, and another job may then
+    # take it over (a requeued SLURM job takes over its own at once); 0: no lock
 
 
 @dataclass
@@ -354,6 +357,7 @@ def validate(cfg: RunConfig, world_size: int | None = None) -> None:
         "optim.weight_decay": cfg.optim.weight_decay,
         "train.max_skipped_in_a_row": cfg.train.max_skipped_in_a_row,
         "checkpoint.keep_every": cfg.checkpoint.keep_every,
+        "checkpoint.lock_lease_s": cfg.checkpoint.lock_lease_s,
         "sample.ddim_eta": cfg.sample.ddim_eta,
         "train.seed": cfg.train.seed,
         "sample.seed": cfg.sample.seed,

@@ -21,6 +21,10 @@ class CheckpointMismatch(CheckpointError):
     """A checkpoint belongs to another model or data than the run that would resume it."""
 
 
+class RunDirError(DisDistError):
+    """The run directory cannot be used: another job holds it, or it cannot be written."""
+
+
 class BackendError(DisDistError, RuntimeError):
     """A requested compute backend cannot run here."""
 

@@ -42,7 +42,7 @@ from torch import nn
 from dis_dist.errors import ConfigError
 from dis_dist.models.dis import parse_model_name
 from dis_dist.models.flops import count_parameters
-from dis_dist.utils.cli import cli_main
+from dis_dist.utils.cli import cli_main, number
 
 GB = 1e9
 # Bytes kept for backward per (token x width) per block, per sample (measured: tests/test_plan.py).
@@ -387,17 +387,18 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m dis_dist.plan", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="DiS-H/2")
-    p.add_argument("--resolution", type=int, default=256, help="image size in pixels (latents are 1/8)")
-    p.add_argument("--gpus", type=int, default=8)
-    p.add_argument("--gpus-per-node", type=int, default=8)
-    p.add_argument("--gpu-mem", type=float, default=80, help="GB per GPU")
-    p.add_argument("--global-batch", type=int, default=256)
+    p.add_argument("--resolution", type=number(int, multiple_of=8), default=256,
+                   help="image size in pixels, a multiple of 8 (latents are 1/8)")
+    p.add_argument("--gpus", type=number(int), default=8)
+    p.add_argument("--gpus-per-node", type=number(int), default=8)
+    p.add_argument("--gpu-mem", type=number(float), default=80, help="GB per GPU")
+    p.add_argument("--global-batch", type=number(int), default=256)
     p.add_argument("--precision", choices=("bf16", "fp32"), default="bf16")
-    p.add_argument("--num-classes", type=int, default=1000)
+    p.add_argument("--num-classes", type=number(int, low_ok=True), default=1000, help="0: unconditional")
     p.add_argument("--cpu", action="store_true",
                    help="CPU ranks: --gpus counts processes, --gpu-mem is the memory each may use, and the "
                         "estimate is resident memory (a process baseline instead of the CUDA reserve)")
-    p.add_argument("--context-parallel", type=int, default=1, metavar="K",
+    p.add_argument("--context-parallel", type=number(int, low_ok=True), default=1, metavar="K",
                    help="tokens of each sample split over K GPUs (dist.context_parallel); 0: let the planner "
                         "choose among 1, 2, 4, 8 (at most --gpus-per-node, dividing --gpus)")
     args = p.parse_args(argv)

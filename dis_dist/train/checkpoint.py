@@ -6,13 +6,15 @@ shard) is found before anything is loaded from it.
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import re
 import shutil
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future
+from contextlib import contextmanager
 from pathlib import Path
 
 from dis_dist.errors import CheckpointError
@@ -22,6 +24,8 @@ log = logging.getLogger(__name__)
 
 MARKER = "COMPLETE"
 _STEP_DIR = re.compile(r"^step_(\d{8,})$")
+CHECKPOINT_FILES = (MARKER, "model.json", "trainer.json")  # what tells a checkpoint directory
+DISK_FULL_BYTES = 1 << 20  # free space under which a failed write is taken for a full disk
 
 
 def is_complete(path: Path) -> bool:
@@ -70,7 +74,7 @@ class CheckpointManager:
     def __init__(self, root: str | Path, keep_last: int, keep_every: int = 0) -> None:
         self.root = Path(root)
         self.keep_last, self.keep_every = keep_last, keep_every
-        self._pending: tuple[Future, Callable[[], None]] | None = None
+        self._pending: tuple[Future, Callable[[], None], Path, Path] | None = None
 
     def path_for(self, step: int) -> Path:
         return self.root / f"step_{step:08d}"
@@ -107,13 +111,15 @@ class CheckpointManager:
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir()
         barrier()
-        pending = write(tmp)
+        with self._full_disk_is_one_error(final, tmp):
+            pending = write(tmp)
 
         def complete() -> None:
             barrier()
             if is_main:
-                record = {"step": step, "time": time.time(), "files": file_sizes(tmp)}
-                (tmp / MARKER).write_text(json.dumps(record))
+                with self._full_disk_is_one_error(final, tmp):
+                    record = {"step": step, "time": time.time(), "files": file_sizes(tmp)}
+                    (tmp / MARKER).write_text(json.dumps(record))
                 if final.exists():
                     shutil.rmtree(final)
                 tmp.rename(final)
@@ -123,16 +129,35 @@ class CheckpointManager:
         if not isinstance(pending, Future):
             complete()
         else:
-            self._pending = (pending, complete)
+            self._pending = (pending, complete, final, tmp)
         return final
 
     def finish(self) -> None:
         """Wait for an asynchronous save in flight, then complete its checkpoint (collective)."""
         if self._pending is not None:
-            future, complete = self._pending
+            future, complete, final, tmp = self._pending
             self._pending = None
-            future.result()
+            with self._full_disk_is_one_error(final, tmp):
+                future.result()
             complete()
+
+    @contextmanager
+    def _full_disk_is_one_error(self, final: Path, tmp: Path) -> Iterator[None]:
+        """A write that fails on a full disk (``torch.save`` says only "unexpected pos"; DCP wraps
+        the OSError) becomes one CheckpointError naming the disk and the checkpoint kept; the
+        partial files go."""
+        try:
+            yield
+        except Exception as e:
+            if not _disk_full(self.root, e):
+                raise
+            shutil.rmtree(tmp, ignore_errors=True)
+            kept = self.latest()
+            raise CheckpointError(
+                f"no space left on the device of {self.root} while writing checkpoint {final.name}: it was not "
+                f"saved (its partial files are removed); the newest complete checkpoint, "
+                f"{kept.name if kept else 'none'}, is intact. Free space, then resume with --resume auto"
+            ) from None
 
     def prune(self) -> None:
         """Delete complete checkpoints that retention does not keep, and leftovers of
@@ -149,6 +174,15 @@ class CheckpointManager:
                     shutil.rmtree(path, ignore_errors=True)
 
 
+def _disk_full(root: Path, error: BaseException) -> bool:
+    if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT):
+        return True
+    try:
+        return shutil.disk_usage(root).free < DISK_FULL_BYTES
+    except OSError:
+        return False
+
+
 def resolve_resume(resume: str, manager: CheckpointManager) -> Path | None:
     """``--resume``: "auto" (newest complete checkpoint, or none), "none", or a checkpoint path."""
     if resume == "none":
@@ -158,6 +192,11 @@ def resolve_resume(resume: str, manager: CheckpointManager) -> Path | None:
     path = Path(resume)
     if not path.is_dir():
         raise CheckpointError(f"--resume {resume!r}: no such checkpoint directory")
+    if not any((path / name).is_file() for name in CHECKPOINT_FILES):
+        raise CheckpointError(
+            f"--resume {resume!r} is not a checkpoint (it holds none of {', '.join(CHECKPOINT_FILES)}): give a "
+            f"run's checkpoints/step_* directory, or --resume auto"
+        )
     if not is_complete(path):
         raise CheckpointError(
             f"--resume {resume!r} is incomplete (no {MARKER} marker): it was cut off while "

@@ -61,13 +61,15 @@ def format_duration(seconds: float) -> str:
 class RunLogger:
     """TensorBoard events in the run directory (rank 0 only) and progress lines on the console."""
 
-    def __init__(self, run_dir: Path, enabled: bool, total_steps: int) -> None:
+    def __init__(self, run_dir: Path, enabled: bool, total_steps: int, first_step: int = 1) -> None:
+        """``first_step``: the first step this run logs; TensorBoard hides what earlier runs in
+        the directory logged from it on (a run resumed from a checkpoint logs those steps again)."""
         self.enabled, self.total_steps = enabled, total_steps
         self.writer = None
         if enabled:
             from torch.utils.tensorboard import SummaryWriter
 
-            self.writer = SummaryWriter(log_dir=str(run_dir))
+            self.writer = SummaryWriter(log_dir=str(run_dir), purge_step=first_step)
         self._t0 = time.perf_counter()
         self._first_step: int | None = None
 

@@ -24,7 +24,7 @@ from dis_dist.data.encoders import display_decoder
 from dis_dist.diffusion import create_diffusion
 from dis_dist.distributed.env import DistEnv, bound_host_heap, context_parallel_group, init_distributed
 from dis_dist.distributed.strategy import StepResult, build_strategy
-from dis_dist.errors import CheckpointError, CheckpointMismatch, TrainingError
+from dis_dist.errors import CheckpointError, CheckpointMismatch, RunDirError, TrainingError
 from dis_dist.eval.fid import format_metrics
 from dis_dist.models import build_model
 from dis_dist.models.flops import model_flops
@@ -36,6 +36,7 @@ from dis_dist.train.evaluation import Evaluator
 from dis_dist.train.metrics import RunLogger, format_duration, free_memory_bytes, peak_flops, peak_memory_gb
 from dis_dist.train.optim import adamw, lr_factor
 from dis_dist.train.preemption import StopRequest
+from dis_dist.train.run_lock import RunLock
 from dis_dist.train.safe_load import load_torch
 from dis_dist.utils.images import make_grid, save_png
 from dis_dist.utils.seeding import mix_seed
@@ -150,6 +151,7 @@ class Trainer:
         self.ema_updates = 0
         self.skipped_steps = 0
         self.skipped_in_a_row = 0
+        self.failures: dict[str, int] = {}  # of periodic work that must not cost training, by tag
         self.stopped: str | None = None  # why fit stopped before its end step (a signal, a request)
         self.last_loss = float("nan")  # the mean loss of the last logging window
         self.images_per_sec = float("nan")  # and its throughput
@@ -385,9 +387,50 @@ class Trainer:
                 f"or check the data, then resume with --resume auto"
             )
 
+    @contextmanager
+    def _run_dir_lease(self) -> Iterator[RunLock | None]:
+        """Collective. Rank 0 holds ``run_dir``'s lease (dis_dist/train/run_lock.py) while the
+        block runs; when it cannot have it, every rank raises RunDirError before touching anything."""
+        lock, error = None, None
+        if self.env.is_main and self.cfg.checkpoint.lock_lease_s:
+            lock = RunLock(self.run_dir, self.cfg.checkpoint.lock_lease_s)
+            try:
+                lock.acquire()
+            except RunDirError as e:
+                lock, error = None, str(e)
+        if self.env.distributed:
+            box = [error]
+            dist.broadcast_object_list(box, src=0)
+            error = box[0]
+        if error:
+            raise RunDirError(error)
+        try:
+            yield lock
+        finally:
+            if lock is not None:
+                lock.release()
+
+    def _guarded(self, what: str, tag: str, logger: RunLogger, work: Callable[[], None]) -> None:
+        """Run periodic work whose failure must never cost training (a sample grid, an
+        evaluation): a failure is logged in one line and counted in TensorBoard as
+        ``{tag}/failures``, and training goes on."""
+        try:
+            work()
+        except Exception as e:  # a NaN reference's eigh, a decoder out of memory, a full cache disk...
+            self.failures[tag] = self.failures.get(tag, 0) + 1
+            first_line = (str(e).strip().splitlines() or [""])[0]
+            log.error("%s at step %d failed (%s: %s); training goes on (%d such failure(s) so far)",
+                      what, self.step, type(e).__name__, first_line, self.failures[tag])
+            logger.scalars(self.step, {f"{tag}/failures": self.failures[tag]})
+
     def fit(self, resume: str = "auto", stop_at_step: int | None = None) -> FitResult:
         """Train from the checkpoint ``resume`` picks up to ``train.steps``; with ``stop_at_step``,
-        stop there (saving a checkpoint) as a preempted run would."""
+        stop there (saving a checkpoint) as a preempted run would. Holds ``run_dir`` for the run:
+        a second job on it is refused."""
+        with self._run_dir_lease() as lease:
+            return self._fit(resume, stop_at_step, lease)
+
+    def _fit(self, resume: str, stop_at_step: int | None, lease: RunLock | None) -> FitResult:
         cfg, env = self.cfg, self.env
         end_step = min(cfg.train.steps, stop_at_step or cfg.train.steps)
         start = time.perf_counter()
@@ -397,7 +440,7 @@ class Trainer:
         if env.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             save_config(cfg, self.run_dir / "config.yaml")
-        logger = RunLogger(self.run_dir, env.is_main, cfg.train.steps)
+        logger = RunLogger(self.run_dir, env.is_main, cfg.train.steps, first_step=self.step + 1)
         logger.text("config", "```yaml\n" + yaml.safe_dump(to_dict(cfg), sort_keys=False) + "```", self.step)
         if env.is_main:
             log.info(
@@ -420,6 +463,14 @@ class Trainer:
         window = {"n": 0, "data": 0.0, "other": 0.0, "start": time.perf_counter()}
         saved_at = self.step if ckpt is not None else -1
         sampled_at, grid, evaluated_at = -1, None, -1
+
+        def log_grid(image: np.ndarray | None) -> None:
+            nonlocal grid
+            grid = image
+            if grid is not None:
+                logger.image("samples/ema", self.step, grid)
+                logger.flush()
+
         with StopRequest(env, self.run_dir) as stop:
             stop.clear()  # a request left by an earlier job was handled by its save
             while self.step < end_step:
@@ -445,6 +496,8 @@ class Trainer:
                 self.skipped_steps += int(result.skipped)
                 self.step += 1
                 self._check_finite(result)
+                if lease is not None:
+                    lease.check()
 
                 window["n"] += 1
                 if self.step % cfg.log.every == 0 or self.step == end_step:
@@ -477,17 +530,15 @@ class Trainer:
                     logger.progress(self.step, self.last_loss, images_per_sec)
                     window = {"n": 0, "data": 0.0, "other": 0.0, "start": time.perf_counter()}
                 t_other = time.perf_counter()
-                if cfg.sample.every and self.step % cfg.sample.every == 0:
-                    grid, sampled_at = self.sample_grid(), self.step
-                    if grid is not None:
-                        logger.image("samples/ema", self.step, grid)
-                        logger.flush()
-                if cfg.eval.every and self.step % cfg.eval.every == 0:
-                    self.evaluate(logger)
-                    evaluated_at = self.step
-                if cfg.checkpoint.every and self.step % cfg.checkpoint.every == 0:
+                if cfg.checkpoint.every and self.step % cfg.checkpoint.every == 0:  # first: work is never lost
                     self.save_checkpoint()
                     saved_at = self.step
+                if cfg.sample.every and self.step % cfg.sample.every == 0:
+                    sampled_at = self.step
+                    self._guarded("sample grid", "samples", logger, lambda: log_grid(self.sample_grid()))
+                if cfg.eval.every and self.step % cfg.eval.every == 0:
+                    evaluated_at = self.step
+                    self._guarded("evaluation", "eval", logger, lambda: self.evaluate(logger))
                 window["other"] += time.perf_counter() - t_other
                 if stop.poll():
                     self.stopped = stop.reason or "stop requested on another rank"
@@ -503,14 +554,12 @@ class Trainer:
         samples_png = None
         if self.step == cfg.train.steps:
             if sampled_at != self.step and cfg.sample.num > 0:
-                grid = self.sample_grid()
-                if grid is not None:
-                    logger.image("samples/ema", self.step, grid)
+                self._guarded("sample grid", "samples", logger, lambda: log_grid(self.sample_grid()))
             if grid is not None:
                 samples_png = self.run_dir / "samples.png"
                 save_png(grid, samples_png, scale=2)
             if self.evaluator is not None and evaluated_at != self.step:
-                self.evaluate(logger)
+                self._guarded("evaluation", "eval", logger, lambda: self.evaluate(logger))
         logger.close()
         wall = time.perf_counter() - start
         if env.is_main:

@@ -4,8 +4,10 @@ the command started is closed on the way out."""
 
 from __future__ import annotations
 
+import argparse
 import functools
 import logging
+import math
 import sys
 from collections.abc import Callable
 
@@ -34,3 +36,23 @@ def cli_main(main: Main) -> Main:
                 dist.destroy_process_group()
 
     return run
+
+
+def number(kind: type, *, low: float = 0, low_ok: bool = False, multiple_of: int = 1) -> Callable[[str], float]:
+    """An argparse ``type`` for a finite number of ``kind`` above ``low`` (or at it, ``low_ok``),
+    an integer multiple of ``multiple_of``: anything else is one line naming the flag."""
+
+    def parse(text: str) -> float:
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not {'an integer' if kind is int else 'a number'}") from None
+        if not math.isfinite(value):
+            raise argparse.ArgumentTypeError(f"{text} is not a finite number")
+        if value < low or (value == low and not low_ok):
+            raise argparse.ArgumentTypeError(f"{text} must be {'at least' if low_ok else 'above'} {low:g}")
+        if multiple_of > 1 and value % multiple_of:
+            raise argparse.ArgumentTypeError(f"{text} is not a multiple of {multiple_of}")
+        return value
+
+    return parse

@@ -62,7 +62,12 @@ def _build() -> ModuleType | str:
     from torch.utils import cpp_extension
 
     name = f"dis_scan_cpu_{_host_tag()}"
-    build_dir = Path(cpp_extension._get_build_directory(name, verbose=False))
+    try:
+        build_dir = Path(cpp_extension._get_build_directory(name, verbose=False))
+    except OSError as e:  # read-only, a file in the way, no permission: the reason names the place
+        where = os.environ.get("TORCH_EXTENSIONS_DIR", "the default torch_extensions directory")
+        return (f"its build directory under TORCH_EXTENSIONS_DIR={where} cannot be made ({e.strerror}: "
+                f"{e.filename}); point TORCH_EXTENSIONS_DIR at a writable directory")
     if not (build_dir / f"{name}.so").exists():
         log.info("building the native CPU scan kernel (once, about half a minute) in %s", build_dir)
     try:
