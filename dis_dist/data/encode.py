@@ -34,6 +34,7 @@ from dis_dist.data.shards import (
     finished_shards,
     merge_fragments,
     shard_name,
+    skip_summary,
     write_shard,
 )
 from dis_dist.data.sources import Item, Source, center_crop, open_source, pad_to
@@ -71,6 +72,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--shard-size", type=int, default=1000, help="samples per output shard")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--seed", type=int, default=0, help="shuffles folder inputs before sharding")
+    p.add_argument("--max-file-mb", type=float, default=fs.MAX_INPUT_MB,
+                   help="larger image files are skipped (and counted) unread")
     p.add_argument("--rank", type=int, help="this worker (default: torchrun/SLURM, else 0)")
     p.add_argument("--world-size", type=int, help="number of workers")
     p.add_argument("--finalize", action="store_true", help="only merge finished shards into manifest.json")
@@ -79,7 +82,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="VAE autocast (auto: fp16 on GPU, fp32 on CPU)")
     p.add_argument("--s3-endpoint", help="S3 endpoint URL (default: $AWS_ENDPOINT_URL)")
     p.add_argument("--no-progress", action="store_true")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if not 0 < args.max_file_mb < float("inf"):
+        p.error(f"--max-file-mb {args.max_file_mb}: must be a positive number")
+    return args
 
 
 def _preprocess(item: Item, how: str, size: int, mode: str) -> Image.Image:
@@ -105,10 +111,11 @@ def _encode_unit(items, args, encoder, preprocess: str, mode: str, generator: to
     for item in items:
         try:
             if item.label < 0:
-                raise DataError(f"{item.origin}: no image or no label")
+                raise fs.UnusableInput(item.origin, "no image or no label")
             batch.append((item, _preprocess(item, preprocess, args.resolution, mode)))
-        except DataError as e:
-            skipped.append(Skipped(key=item.key, source=item.origin, reason=str(e)))
+        except DataError as e:  # one input: skipped and counted by its reason, the run goes on
+            why = e.why if isinstance(e, fs.UnusableInput) else "unusable image"
+            skipped.append(Skipped(key=item.key, source=item.origin, reason=str(e), why=why))
             log.warning("skipped %s", e)
             continue
         if len(batch) == args.batch_size:
@@ -123,6 +130,7 @@ def encode(args: argparse.Namespace) -> EncodeResult:
     options = {"endpoint_url": args.s3_endpoint} if args.s3_endpoint else None
     out = args.output.rstrip("/")
     fs.check_access(out, options, must_exist=False)
+    fs.check_writable(out, options, fix="choose another --output")
     if args.finalize:
         manifest = merge_fragments(out, options)
         log.info("wrote %s: %d samples in %d shards", fs.join(out, "manifest.json"),
@@ -134,7 +142,8 @@ def encode(args: argparse.Namespace) -> EncodeResult:
     if not 0 <= rank < world:
         raise DataError(f"--rank {rank} is not in [0, {world})")
     source: Source = open_source(args.input, args.input_format, shard_size=args.shard_size, seed=args.seed,
-                                 split=args.split, num_classes=args.num_classes, options=options)
+                                 split=args.split, num_classes=args.num_classes, options=options,
+                                 max_bytes=int(args.max_file_mb * 2**20))
     preprocess = source.preprocess if args.preprocess == "auto" else args.preprocess
     device = resolve_device(args.device)
     encoder = build_encoder(args.vae, args.vae_revision, args.latent_kind, device, args.precision)
@@ -157,17 +166,25 @@ def encode(args: argparse.Namespace) -> EncodeResult:
         num_shards=num, encode=settings,
     )
     total = sum(source.sizes[i] for i in todo) if source.sizes else None
+    encoded, skipped_here = 0, []
     with tqdm(desc=f"encode {rank}/{world}", total=total, unit="img", disable=args.no_progress,
               dynamic_ncols=True) as bar:
         for i in todo:
             generator = torch.Generator().manual_seed(args.seed * 1_000_003 + i)
             samples, skipped = _encode_unit(source.units[i](), args, encoder, preprocess, mode, generator, bar)
-            write_shard(out, shard_name(i), build_shard(samples), len(samples), info, skipped, options)
+            try:
+                write_shard(out, shard_name(i), build_shard(samples), len(samples), info, skipped, options)
+            except DataError as e:  # a full disk: the shards written so far stay finished
+                raise DataError(f"{e} (the {len(result.encoded)} shards finished before are kept: "
+                                f"a rerun resumes after them)") from None
             result.encoded.append(shard_name(i))
+            encoded, skipped_here = encoded + len(samples), skipped_here + skipped
+    if todo:
+        log.info("worker %d/%d: %d images encoded, %s", rank, world, encoded, skip_summary(skipped_here))
     if len(finished_shards(out, options)) == num:
         result.manifest = merge_fragments(out, options)
-        log.info("all %d shards finished: wrote %s (%d samples, %d inputs skipped)", num,
-                 fs.join(out, "manifest.json"), result.manifest.total_samples, len(result.manifest.skipped))
+        log.info("all %d shards finished: wrote %s (%d samples, %s)", num, fs.join(out, "manifest.json"),
+                 result.manifest.total_samples, skip_summary(result.manifest.skipped))
     return result
 
 

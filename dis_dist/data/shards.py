@@ -13,6 +13,7 @@ the shard, so a fragment means a complete shard); ``manifest.json`` merges the f
 from __future__ import annotations
 
 import ast
+import collections
 import dataclasses
 import functools
 import hashlib
@@ -52,7 +53,16 @@ class ShardInfo:
 class Skipped:
     key: str
     source: str
-    reason: str
+    reason: str  # the whole message: the input, what is wrong, details
+    why: str = ""  # the reason in a few words, what skips are counted by ("" in older manifests)
+
+
+def skip_summary(skipped: list[Skipped]) -> str:
+    """'3 inputs skipped: 2 broken symlink, 1 unreadable image' (most frequent reason first)."""
+    counts = collections.Counter(s.why or "other" for s in skipped)
+    text = f"{len(skipped)} input{'' if len(skipped) == 1 else 's'} skipped"
+    reasons = sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))
+    return text + (": " + ", ".join(f"{n} {why}" for why, n in reasons) if reasons else "")
 
 
 @dataclass
@@ -255,7 +265,8 @@ def finished_shards(root: str, options: fs.StorageOptions | None = None) -> set[
 
 
 def merge_fragments(root: str, options: fs.StorageOptions | None = None) -> Manifest:
-    """Merge every fragment into ``manifest.json``; all shards must be finished."""
+    """Merge every fragment into ``manifest.json``; all shards must be finished. A shard left
+    empty (all its inputs skipped) is not listed."""
     fsys, path = fs.filesystem(fs.join(root, FRAGMENTS), options)
     try:
         urls = sorted(n for n in fsys.ls(path, detail=False) if n.endswith(".json"))
@@ -277,10 +288,14 @@ def merge_fragments(root: str, options: fs.StorageOptions | None = None) -> Mani
             )
     if len(fragments) != info.num_shards:
         raise DataError(f"{root!r}: {len(fragments)} of {info.num_shards} shards are finished")
-    shards = sorted((f.shard for f in fragments), key=lambda s: s.name)
+    shards = sorted((f.shard for f in fragments if f.shard.samples), key=lambda s: s.name)
+    skipped = [s for f in fragments for s in f.skipped]
+    if not shards:
+        raise DataError(f"{root!r}: no input could be encoded ({skip_summary(skipped)}; see the fragments "
+                        f"in {fs.join(root, FRAGMENTS)})")
     manifest = Manifest(
-        format_version=FORMAT_VERSION, info=info, total_samples=sum(s.samples for s in shards),
-        shards=shards, skipped=[s for f in fragments for s in f.skipped],
+        format_version=FORMAT_VERSION, info=dataclasses.replace(info, num_shards=len(shards)),
+        total_samples=sum(s.samples for s in shards), shards=shards, skipped=skipped,
     )
     fs.write_atomic(fs.join(root, MANIFEST), manifest.to_json().encode(), options)
     return manifest

@@ -7,6 +7,7 @@ worker computes the same one and takes its own units.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import random
 from collections.abc import Callable, Iterator
@@ -67,7 +68,16 @@ def _decode_image(data: bytes, origin: str) -> Image.Image:
         image.load()
         return image
     except Exception as e:  # PIL raises many types for corrupt data
-        raise DataError(f"{origin}: unreadable image ({type(e).__name__}: {e})") from None
+        raise fs.UnusableInput(origin, "unreadable image", f"{type(e).__name__}: {e}") from None
+
+
+def _unusable_item(path: str, error: DataError) -> Item:
+    """The stand-in for an input that cannot be read at all (a .tar shard that is a FIFO, or
+    corrupt): loading it raises ``error``, so the encoder skips and counts it like a bad image."""
+    def load() -> Image.Image:
+        raise error
+
+    return Item(key=PurePosixPath(path).name, label=0, origin=path, load=load)
 
 
 def _chunks(items: list[Item], size: int) -> list[Callable[[], Iterator[Item]]]:
@@ -78,9 +88,12 @@ def _chunk_sizes(total: int, size: int) -> list[int]:
     return [min(size, total - i) for i in range(0, total, size)]
 
 
-def image_folder(url: str, shard_size: int, seed: int, options: fs.StorageOptions | None = None) -> Source:
+def image_folder(url: str, shard_size: int, seed: int, options: fs.StorageOptions | None = None,
+                 max_bytes: int | None = fs.MAX_INPUT_MB * 2**20) -> Source:
     """Class sub-folders (sorted: the class index), image files in them (ImageNet's layout).
-    Items are shuffled with ``seed`` before sharding so that shards mix classes."""
+    Items are shuffled with ``seed`` before sharding so that shards mix classes. Links to
+    sub-folders are not followed (no loops); each file is read only if :func:`fs.open_input`
+    allows it (regular, at most ``max_bytes``)."""
     fsys, root = fs.filesystem(url, options)
     classes = sorted(PurePosixPath(p).name for p in fsys.ls(root, detail=False) if fsys.isdir(p))
     if not classes:
@@ -91,7 +104,7 @@ def image_folder(url: str, shard_size: int, seed: int, options: fs.StorageOption
         for path in files:
             items.append(Item(
                 key="", label=label, origin=path,
-                load=lambda p=path: _decode_image(fsys.cat_file(p), p),
+                load=lambda p=path: _decode_image(fs.read_input(fsys, p, max_bytes), p),
             ))
     random.Random(seed).shuffle(items)
     for index, item in enumerate(items):
@@ -102,28 +115,42 @@ def image_folder(url: str, shard_size: int, seed: int, options: fs.StorageOption
 
 def image_shards(url: str, num_classes: int | None, options: fs.StorageOptions | None = None) -> Source:
     """Image webdataset shards (``*.tar`` under ``url``, or one ``.tar``): jpg/png/webp + cls.
-    Each input shard becomes one output shard. Without ``num_classes`` the first shard's
-    labels tell it (max label + 1)."""
-    from dis_dist.data.shards import iter_shard
+    Each input shard becomes one output shard; one that cannot be read (not a regular file, or
+    corrupt) is one skipped input. Without ``num_classes`` the first readable shard's labels
+    tell it (max label + 1)."""
+    from dis_dist.data.shards import read_shard
 
     fsys, root = fs.filesystem(url, options)
     paths = [root] if root.endswith(".tar") else sorted(p for p in fsys.find(root) if p.endswith(".tar"))
     if not paths:
         raise DataError(f"no .tar shards under {url!r}")
 
+    def read(path: str) -> list[dict]:
+        with fs.open_input(fsys, path) as f:
+            return read_shard(f)
+
     def unit(path: str) -> Iterator[Item]:
-        with fsys.open(path, "rb") as f:
-            for sample in iter_shard(f):
-                key, origin = sample["__key__"], f"{path}:{sample['__key__']}"
-                ext = next((e for e in ("jpg", "jpeg", "png", "webp") if e in sample), None)
-                data = sample[ext] if ext else b""
-                label = int(bytes(sample["cls"])) if "cls" in sample else -1
-                yield Item(key=key.replace("/", "_"), label=label, origin=origin,
-                           load=lambda d=data, o=origin: _decode_image(d, o))
+        try:
+            samples = read(path)
+        except DataError as e:
+            yield _unusable_item(path, e)
+            return
+        for sample in samples:
+            key, origin = sample["__key__"], f"{path}:{sample['__key__']}"
+            ext = next((e for e in ("jpg", "jpeg", "png", "webp") if e in sample), None)
+            data = sample[ext] if ext else b""
+            label = int(bytes(sample["cls"])) if "cls" in sample else -1
+            yield Item(key=key.replace("/", "_"), label=label, origin=origin,
+                       load=lambda d=data, o=origin: _decode_image(d, o))
 
     if num_classes is None:
-        with fsys.open(paths[0], "rb") as f:
-            num_classes = 1 + max((int(bytes(s["cls"])) for s in iter_shard(f) if "cls" in s), default=-1)
+        for path in paths:
+            with contextlib.suppress(DataError):
+                samples = read(path)
+                num_classes = 1 + max((int(bytes(s["cls"])) for s in samples if "cls" in s), default=-1)
+                break
+        else:
+            raise DataError(f"no readable .tar shard under {url!r} to count the classes in; pass --num-classes")
     return Source("shards", [str(i) for i in range(num_classes)], [lambda p=p: unit(p) for p in paths],
                   "center-crop")
 
@@ -153,8 +180,10 @@ def is_fmnist(url: str, options: fs.StorageOptions | None = None) -> bool:
 
 
 def open_source(url: str, kind: str, *, shard_size: int, seed: int, split: str = "train",
-                num_classes: int | None = None, options: fs.StorageOptions | None = None) -> Source:
-    """The source at ``url``; ``kind`` "auto" tells Fashion-MNIST, shards and folders apart."""
+                num_classes: int | None = None, options: fs.StorageOptions | None = None,
+                max_bytes: int | None = fs.MAX_INPUT_MB * 2**20) -> Source:
+    """The source at ``url``; ``kind`` "auto" tells Fashion-MNIST, shards and folders apart.
+    ``max_bytes`` caps one image file of a folder."""
     fs.check_access(url, options)
     if kind == "auto":
         fsys, root = fs.filesystem(url, options)
@@ -171,5 +200,5 @@ def open_source(url: str, kind: str, *, shard_size: int, seed: int, split: str =
     if kind == "shards":
         return image_shards(url, num_classes, options)
     if kind == "folder":
-        return image_folder(url, shard_size, seed, options)
+        return image_folder(url, shard_size, seed, options, max_bytes)
     raise DataError(f"unknown input format {kind!r}; choose one of: auto, folder, shards, fmnist")
