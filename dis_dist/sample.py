@@ -25,6 +25,7 @@ import argparse
 import json
 import logging
 import sys
+import zipfile
 from collections.abc import Callable, Iterator
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass
@@ -203,6 +204,24 @@ def part_path(out: Path, indices: list[int]) -> Path:
     return out / "parts" / f"{indices[0]:08d}-{indices[-1]:08d}.npz"
 
 
+PART_ERRORS = (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile)  # what np.load of a damaged .npz raises
+
+
+def part_problem(path: Path, count: int, conditional: bool) -> str | None:
+    """Why the part file at ``path`` does not hold ``count`` whole samples (read and
+    CRC-checked), or None when it does."""
+    try:
+        with np.load(path) as part:
+            images, labels = part["images"], part["labels"]
+    except PART_ERRORS as e:
+        return f"{type(e).__name__}: {e}"
+    if images.dtype != np.uint8 or images.ndim != 4 or images.shape[0] != count or images.shape[-1] != 3:
+        return f"images are {images.dtype} {images.shape}, not {count} x H x W x 3 uint8"
+    if labels.dtype != np.int64 or labels.shape != ((count,) if conditional else (0,)):
+        return f"labels are {labels.dtype} {labels.shape}, not {count if conditional else 0} int64"
+    return None
+
+
 def assemble(out: Path, num: int, batch_size: int, conditional: bool, grid: int) -> Path:
     """Join the parts, in index order, into samples.npz without holding them all in memory."""
     from dis_dist.utils.images import make_grid, save_png
@@ -212,18 +231,22 @@ def assemble(out: Path, num: int, batch_size: int, conditional: bool, grid: int)
     missing = [p.name for p in parts if not p.is_file()]
     if missing:
         raise DataError(f"{len(missing)} part(s) missing in {out / 'parts'}: {', '.join(missing[:3])}")
-    shape = np.load(parts[0])["images"].shape[1:]
-    arrays = {"arr_0": ((num, *shape), np.uint8, (np.load(p)["images"] for p in parts))}
-    if conditional:
-        arrays["arr_1"] = ((num,), np.int64, (np.load(p)["labels"] for p in parts))
-    write_npz(out / NPZ_FILE, arrays)
-    if grid:
-        first: list[np.ndarray] = []
-        for p in parts:
-            first.extend(np.load(p)["images"][: grid - len(first)])
-            if len(first) >= grid:
-                break
-        save_png(make_grid(np.stack(first)), out / GRID_FILE)
+    try:  # every part was checked when its rank started; one damaged since is drawn by the next run
+        shape = np.load(parts[0])["images"].shape[1:]
+        arrays = {"arr_0": ((num, *shape), np.uint8, (np.load(p)["images"] for p in parts))}
+        if conditional:
+            arrays["arr_1"] = ((num,), np.int64, (np.load(p)["labels"] for p in parts))
+        write_npz(out / NPZ_FILE, arrays)
+        if grid:
+            first: list[np.ndarray] = []
+            for p in parts:
+                first.extend(np.load(p)["images"][: grid - len(first)])
+                if len(first) >= grid:
+                    break
+            save_png(make_grid(np.stack(first)), out / GRID_FILE)
+    except PART_ERRORS as e:
+        raise DataError(f"a part in {out / 'parts'} became unreadable while they were joined "
+                        f"({type(e).__name__}: {e}): run again to draw it again") from None
     return out / NPZ_FILE
 
 
@@ -260,17 +283,30 @@ def run(args: argparse.Namespace) -> Path | None:
     decode = latent_decoder(args.vae or info.get("vae", "pixels"), info.get("scaling_factor", 1.0), env.device)
     bf16 = args.precision == "bf16" or (args.precision == "auto" and env.device.type == "cuda")
 
-    def drawn(indices: list[int]) -> bool:
-        return part_path(out, indices).is_file()
+    conditional = bool(info["num_classes"])
 
-    todo = sum(not drawn(idx) for idx in batches_of_rank(args.num_samples, batch_size, env.rank, env.world_size))
+    def whole(indices: list[int]) -> bool:
+        """A part drawn before, checked: a damaged one (a crash mid-write on a filesystem
+        without atomic renames, a truncated copy) is drawn again."""
+        path = part_path(out, indices)
+        if not path.is_file():
+            return False
+        problem = part_problem(path, len(indices), conditional)
+        if problem is not None:
+            log.warning("%s is damaged (%s): drawing it again", path, problem)
+        return problem is None
+
+    mine = batches_of_rank(args.num_samples, batch_size, env.rank, env.world_size)
+    have = {idx[0] for idx in mine if whole(idx)}
+    todo = len(mine) - len(have)
     (out / "parts").mkdir(parents=True, exist_ok=True)
     if env.is_main:
         log.info("%s: %d samples of %dx%d, %s %s steps, guidance %.2f, on %d rank(s); rank 0 draws %d batches",
                  args.model, args.num_samples, info["input_size"], info["input_size"], settings.sampler,
                  settings.steps, settings.cfg_scale, env.world_size, todo)
     share = generate_share(
-        model, diffusion, args.num_samples, batch_size, rank=env.rank, world_size=env.world_size, done=drawn,
+        model, diffusion, args.num_samples, batch_size, rank=env.rank, world_size=env.world_size,
+        done=lambda idx: idx[0] in have,
         channels=info["in_channels"], size=info["input_size"], num_classes=info["num_classes"],
         settings=settings, decode=decode, device=env.device, bf16=bf16,
     )
@@ -283,7 +319,7 @@ def run(args: argparse.Namespace) -> Path | None:
     env.barrier()
     if not env.is_main:
         return None
-    return assemble(out, args.num_samples, batch_size, bool(info["num_classes"]), args.grid)
+    return assemble(out, args.num_samples, batch_size, conditional, args.grid)
 
 
 @cli_main

@@ -13,14 +13,16 @@ import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NoReturn
 
 import numpy as np
 import torch
 from torch import nn
 
-from dis_dist.errors import ConfigError
+from dis_dist.errors import ConfigError, DataError
 from dis_dist.eval.images import ImageSet
 from dis_dist.eval.metrics import Gaussian
+from dis_dist.utils.npz import npz_header, npz_keys
 
 log = logging.getLogger(__name__)
 FEATURE_KINDS = ("inception", "fmnist")
@@ -80,8 +82,9 @@ def extract(
             for key, value in extractor(batch).items():
                 parts.setdefault(key, []).append(value)
             bar.update(len(batch))
-    if not parts:
-        raise ConfigError(f"no images in {images.description}")
+    count = sum(len(v) for v in parts.get("pool", []))
+    if count < 2:
+        raise DataError(f"{images.description}: {count} image{'' if count == 1 else 's'}; the metrics need at least 2")
     return {k: np.concatenate(v) for k, v in parts.items()}
 
 
@@ -89,12 +92,14 @@ def extract(
 class ReferenceStats:
     """What the metrics need of a reference set: Gaussians of ``pool`` (and ``spatial``)
     features, and the ``pool`` features themselves for precision/recall (None when the
-    reference came as statistics only). Saved with ADM's key names (mu, sigma, mu_s, sigma_s)."""
+    reference came as statistics only). Saved with ADM's key names (mu, sigma, mu_s, sigma_s).
+    ``source``: the file or images they come from, for messages."""
 
     pool: Gaussian
     spatial: Gaussian | None
     pool_features: np.ndarray | None
     count: int
+    source: str = ""
 
     @classmethod
     def of(cls, features: dict[str, np.ndarray]) -> ReferenceStats:
@@ -114,11 +119,43 @@ class ReferenceStats:
 
     @classmethod
     def load(cls, path: str | Path) -> ReferenceStats:
-        z = np.load(path)
-        spatial = Gaussian(z["mu_s"], z["sigma_s"]) if "mu_s" in z else None
-        pool = z["pool"].astype(np.float32) if "pool" in z else None
-        count = int(z["count"]) if "count" in z else (len(pool) if pool is not None else 0)
-        return cls(Gaussian(z["mu"], z["sigma"]), spatial, pool, count)
+        """Statistics saved by :meth:`save` (or ADM's mu/sigma files), checked: finite numbers,
+        mu (d,) with sigma (d, d), pool features (n, d); DataError naming the file and key."""
+        keys = set(npz_keys(path))
+
+        def fail(what: str) -> NoReturn:
+            raise DataError(f"{str(path)!r} are not usable statistics: {what} (compute them again from "
+                            f"the reference's images)")
+
+        arrays: dict[str, np.ndarray] = {}
+        for key in sorted(keys & {"mu", "sigma", "mu_s", "sigma_s", "pool", "count"}):
+            shape, dtype = npz_header(path, key)
+            if dtype.kind not in "fiu":
+                fail(f"{key} is {dtype} of shape {shape}, not numbers")
+            with np.load(path) as z:
+                arrays[key] = z[key].astype(np.float64 if key != "pool" else np.float32)
+            if not np.isfinite(arrays[key]).all():
+                fail(f"{key} holds values that are not finite (NaN or inf)")
+
+        def gaussian(mu_key: str, sigma_key: str) -> Gaussian:
+            if sigma_key not in arrays or mu_key not in arrays:
+                fail(f"{mu_key} and {sigma_key} come together; it holds {', '.join(sorted(keys)) or 'nothing'}")
+            mu, sigma = arrays[mu_key], arrays[sigma_key]
+            if mu.ndim != 1 or sigma.shape != (len(mu), len(mu)):
+                fail(f"{mu_key} has shape {mu.shape} and {sigma_key} {sigma.shape}: expected (d,) and (d, d)")
+            return Gaussian(mu, sigma)
+
+        pool_gaussian = gaussian("mu", "sigma")
+        spatial = gaussian("mu_s", "sigma_s") if keys & {"mu_s", "sigma_s"} else None
+        pool = arrays.get("pool")
+        if pool is not None and (pool.ndim != 2 or pool.shape[1] != len(pool_gaussian.mu) or len(pool) < 2):
+            fail(f"pool has shape {pool.shape}: expected (n >= 2, {len(pool_gaussian.mu)}) features like mu's")
+        count = len(pool) if pool is not None else 0
+        if "count" in arrays:
+            if arrays["count"].shape != ():
+                fail(f"count has shape {arrays['count'].shape}, not a number")
+            count = int(arrays["count"])
+        return cls(pool_gaussian, spatial, pool, count, str(path))
 
 
 def _cache_key(url: str, extractor: Extractor, resolution: int | None, limit: int | None) -> str:
@@ -132,8 +169,8 @@ def is_stats_file(url: str) -> bool:
     """An ``.npz`` holding statistics (mu, sigma) and no images."""
     if not url.endswith(".npz") or not Path(url).is_file():
         return False
-    keys = set(np.load(url).files)
-    return {"mu", "sigma"} <= keys and "arr_0" not in keys
+    keys = set(npz_keys(url))
+    return bool(keys & {"mu", "sigma"}) and "arr_0" not in keys
 
 
 def reference_stats(
@@ -155,6 +192,7 @@ def reference_stats(
     images = open_images(url, resolution=resolution, limit=limit)
     log.info("computing reference statistics of %s with %s", images.description, extractor.id)
     stats = ReferenceStats.of(extract(extractor, images, batch_size, progress))
+    stats.source = images.description
     stats.save(cache)
     log.info("cached them in %s", cache)
     return stats

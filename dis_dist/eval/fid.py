@@ -18,11 +18,13 @@ from pathlib import Path
 
 import numpy as np
 
+from dis_dist.errors import DataError
 from dis_dist.eval.features import FEATURE_KINDS, Extractor, ReferenceStats, build_extractor, extract, reference_stats
 from dis_dist.eval.images import open_images
 from dis_dist.eval.metrics import Gaussian, frechet_distance, inception_score, precision_recall
 from dis_dist.utils.cli import cli_main, setup_logging
 
+PR_K = 3  # precision/recall's k-th neighbour (ADM's)
 # How each metric is printed, in order.
 METRIC_NAMES = {
     "fid": "FID", "sfid": "sFID", "is": "Inception Score", "fd": "Frechet distance (classifier features)",
@@ -32,9 +34,11 @@ METRIC_NAMES = {
 
 def score(
     features: dict[str, np.ndarray], reference: ReferenceStats, extractor: Extractor,
-    labels: np.ndarray | None = None, with_precision_recall: bool = True,
+    labels: np.ndarray | None = None, with_precision_recall: bool = True, samples: str = "the samples",
 ) -> dict[str, float]:
-    """The metrics of sample ``features`` (from :func:`extract`) against ``reference``."""
+    """The metrics of sample ``features`` (from :func:`extract`) against ``reference``; DataError
+    naming ``samples`` or the reference when they cannot be compared."""
+    check_comparable(features, reference, extractor, labels, with_precision_recall, samples)
     metrics: dict[str, float] = {}
     distance = "fid" if extractor.kind == "inception" else "fd"
     metrics[distance] = frechet_distance(Gaussian.of(features["pool"]), reference.pool)
@@ -45,8 +49,36 @@ def score(
     elif labels is not None:
         metrics["accuracy"] = float((features["logits"].argmax(1) == np.asarray(labels)).mean())
     if with_precision_recall and reference.pool_features is not None:
-        metrics["precision"], metrics["recall"] = precision_recall(reference.pool_features, features["pool"])
+        metrics["precision"], metrics["recall"] = precision_recall(reference.pool_features, features["pool"], k=PR_K)
     return metrics
+
+
+def check_comparable(
+    features: dict[str, np.ndarray], reference: ReferenceStats, extractor: Extractor,
+    labels: np.ndarray | None, with_precision_recall: bool, samples: str,
+) -> None:
+    """What :func:`score` needs: statistics of this network's features, labels of its classes,
+    enough images for precision/recall."""
+    for key, ref in (("pool", reference.pool), ("spatial", reference.spatial)):
+        if key in features and ref is not None and ref.mu.shape != features[key].shape[1:]:
+            raise DataError(f"{reference.source}: statistics of {ref.mu.shape[0]}-d features, but {extractor.id}'s "
+                            f"{key} features are {features[key].shape[1]}-d: statistics of another network? "
+                            f"(--features)")
+    count = len(features["pool"])
+    if labels is not None and extractor.kind != "inception":
+        classes = features["logits"].shape[1]
+        labels = np.asarray(labels)
+        if len(labels) != count:
+            raise DataError(f"{samples}: {len(labels)} labels for {count} images")
+        outside = labels[(labels < 0) | (labels >= classes)]
+        if len(outside):
+            raise DataError(f"{samples}: labels (arr_1) outside [0, {classes}) (e.g. {outside[0]}): the "
+                            f"{extractor.kind} network knows {classes} classes; labels of another dataset?")
+    if with_precision_recall and reference.pool_features is not None:
+        ref_count = len(reference.pool_features)
+        if min(count, ref_count) <= PR_K:
+            raise DataError(f"precision/recall (k = {PR_K}) need more than {PR_K} images in each set: {samples}: "
+                            f"{count} images, {reference.source}: {ref_count}; use more, or --no-precision-recall")
 
 
 def format_metrics(metrics: dict[str, float]) -> str:
@@ -82,7 +114,9 @@ def main(argv: list[str] | None = None) -> int:
     device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
     extractor = build_extractor(args.features, args.weights, device)
     samples = open_images(args.samples, resolution=args.resolution, limit=args.limit)
-    first = next(samples.batches(1))
+    first = next(samples.batches(1), None)
+    if first is None:
+        raise DataError(f"no images in {samples.description}")
     print(f"samples: {samples.description}")
     reference = reference_stats(
         args.reference, extractor, resolution=args.resolution or first.shape[1], limit=args.limit,
@@ -91,7 +125,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.save_ref_stats:
         reference.save(Path(args.save_ref_stats))
     features = extract(extractor, samples, args.batch_size)
-    metrics = score(features, reference, extractor, samples.labels, not args.no_precision_recall)
+    metrics = score(features, reference, extractor, samples.labels, not args.no_precision_recall, args.samples)
     print(f"{len(features['pool'])} samples against {reference.count} reference images ({extractor.id}):")
     width = max(len(METRIC_NAMES[k]) for k in metrics)
     for key, value in metrics.items():

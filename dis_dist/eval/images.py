@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 
 from dis_dist.errors import DataError
-from dis_dist.utils.npz import iter_npz, npz_keys, npz_shape
+from dis_dist.utils.npz import iter_npz, npz_header, npz_keys
 
 
 @dataclass
@@ -29,11 +29,24 @@ def _npz(path: str, limit: int | None) -> ImageSet:
     keys = npz_keys(path)
     if "arr_0" not in keys:
         raise DataError(f"{path!r} has no arr_0 (images); it holds: {', '.join(keys) or 'nothing'}")
-    shape = npz_shape(path, "arr_0")
-    if len(shape) != 4 or shape[-1] not in (1, 3):
-        raise DataError(f"{path!r}: arr_0 has shape {shape}, expected N x H x W x 3 uint8 images")
+    shape, dtype = npz_header(path, "arr_0")
+    if dtype != np.uint8 or len(shape) != 4 or shape[-1] not in (1, 3):
+        hint = "; floats in [0, 1]? write (x * 255).round().astype(np.uint8)" if dtype.kind == "f" else ""
+        raise DataError(f"{path!r}: arr_0 is {dtype} of shape {shape}, expected uint8 images N x H x W x 3 "
+                        f"(values 0-255{hint})")
     count = min(shape[0], limit or shape[0])
-    labels = np.load(path)["arr_1"][:count] if "arr_1" in keys else None
+    if count < 2:
+        of = f" (--limit {limit} of {shape[0]})" if count < shape[0] else ""
+        raise DataError(f"{path!r} holds {count} image{'' if count == 1 else 's'}{of}: the metrics need at least 2")
+    labels = None
+    if "arr_1" in keys:
+        lshape, ldtype = npz_header(path, "arr_1")
+        if ldtype.kind not in "iu" or lshape != shape[:1]:
+            held = f"{lshape[0]} labels" if len(lshape) == 1 else "labels"
+            raise DataError(f"{path!r}: arr_1 holds {held} of dtype {ldtype} and shape {lshape} for {shape[0]} "
+                            f"images in arr_0: expected one integer class label per image")
+        with np.load(path) as z:
+            labels = z["arr_1"][:count].astype(np.int64)
 
     def batches(size: int) -> Iterator[np.ndarray]:
         seen = 0

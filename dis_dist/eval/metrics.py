@@ -46,8 +46,10 @@ def frechet_distance(a: Gaussian, b: Gaussian) -> float:
     """
     mu_a, mu_b = (torch.as_tensor(g.mu, dtype=torch.float64) for g in (a, b))
     s_a, s_b = (torch.as_tensor(g.sigma, dtype=torch.float64) for g in (a, b))
-    if mu_a.shape != mu_b.shape or s_a.shape != s_b.shape:
-        raise ValueError(f"feature dimensions differ: {tuple(mu_a.shape)} vs {tuple(mu_b.shape)}")
+    d = mu_a.shape[0] if mu_a.ndim == 1 else -1
+    if mu_a.shape != mu_b.shape or s_a.shape != (d, d) or s_b.shape != (d, d):
+        raise ValueError(f"the Gaussians do not match: mu {tuple(mu_a.shape)} and {tuple(mu_b.shape)}, sigma "
+                         f"{tuple(s_a.shape)} and {tuple(s_b.shape)} (expected (d,) and (d, d))")
     root_a = _psd_sqrt(s_a)
     middle = root_a @ s_b @ root_a
     cross = torch.linalg.eigvalsh((middle + middle.T) / 2).clamp(min=0).sqrt().sum()

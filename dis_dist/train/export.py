@@ -18,11 +18,20 @@ from pathlib import Path
 
 import torch
 import yaml
-from torch import Tensor
+from torch import Tensor, nn
 
 from dis_dist.errors import CheckpointError
-from dis_dist.models import DiS, build_model
+from dis_dist.models import DiS
 from dis_dist.train.checkpoint import CheckpointManager, is_complete, verify_checkpoint
+from dis_dist.train.model_spec import (
+    build_meta_model,
+    check_finite,
+    check_model_spec,
+    check_weights,
+    layout,
+    load_safetensors,
+    read_model_spec,
+)
 from dis_dist.train.safe_load import DataOnlyPlanner, DataOnlyReader, load_torch, torch_load_as_data
 from dis_dist.utils.cli import cli_main
 
@@ -35,30 +44,32 @@ Load the result anywhere with dis_dist.train.export.load_exported(out_dir), or b
 the keyword arguments in config.json and safetensors' load_file."""
 WEIGHTS_FILE = "model.safetensors"
 CONFIG_FILE = "config.json"
-BUILD_KEYS = ("name", "input_size", "in_channels", "num_classes", "learn_sigma")
+MODEL_INFO = "model.json"
 DEFAULT_DIFFUSION = {"num_steps": 1000, "schedule": "linear"}
 
 
-def _from_dcp(directory: Path, prefix: str) -> dict[str, Tensor]:
+def _from_dcp(directory: Path, prefix: str, model: nn.Module) -> dict[str, Tensor]:
     import torch.distributed.checkpoint as dcp
 
     reader = DataOnlyReader(str(directory))
     meta = reader.read_metadata().state_dict_metadata
-    state = {
-        key: torch.empty(m.size, dtype=m.properties.dtype)
-        for key, m in meta.items() if key.startswith(prefix + ".") and hasattr(m, "size")
-    }
+    tensors = {key: m for key, m in meta.items() if key.startswith(prefix + ".") and hasattr(m, "size")}
+    check_weights(model, {k[len(prefix) + 1 :]: (tuple(m.size), str(m.properties.dtype).removeprefix("torch."))
+                          for k, m in tensors.items()}, directory)  # before allocating what it says
+    state = {key: torch.empty(m.size, dtype=m.properties.dtype) for key, m in tensors.items()}
     with warnings.catch_warnings():  # "assuming the intent is to load in a single process": it is
         warnings.simplefilter("ignore", UserWarning)
         dcp.load(state, storage_reader=reader, planner=DataOnlyPlanner(), no_dist=True)
     return {key[len(prefix) + 1 :]: value for key, value in state.items()}
 
 
-def _deepspeed_ema(directory: Path) -> dict[str, Tensor]:
+def _deepspeed_ema(directory: Path, model: nn.Module) -> dict[str, Tensor]:
     files = sorted(directory.glob("ema_rank*.pt"))
     parts = [load_torch(f) for f in files]
     if not parts or len(parts) != parts[0]["world_size"]:
         raise CheckpointError(f"{str(directory)!r}: expected one ema_rank<r>.pt per rank, found {len(parts)}")
+    check_weights(model, {name: (shape, "float32") for name, shape in parts[0]["shapes"].items()},
+                  directory / "ema_rank0.pt")  # before allocating what it says
     full = {name: torch.zeros(math.prod(shape)) for name, shape in parts[0]["shapes"].items()}
     for part in parts:
         for name, (start, frag) in part["fragments"].items():
@@ -67,19 +78,28 @@ def _deepspeed_ema(directory: Path) -> dict[str, Tensor]:
     return {name: t.view(parts[0]["shapes"][name]) for name, t in full.items()}
 
 
-def load_checkpoint_weights(checkpoint: str | Path, ema: bool = True) -> dict[str, Tensor]:
-    """The whole EMA (or raw) weights of a training checkpoint, fp32 on the CPU."""
+def load_checkpoint_weights(checkpoint: str | Path, model: nn.Module, ema: bool = True) -> dict[str, Tensor]:
+    """The whole EMA (or raw) weights of a training checkpoint, fp32 on the CPU, checked against
+    ``model`` (built on the meta device: :func:`build_meta_model`): names, shapes, floating-point
+    dtypes (where the layout says them, before they are allocated) and finite values."""
     path = Path(checkpoint)
     if not path.is_dir() or not is_complete(path):
         raise CheckpointError(f"{str(path)!r} is not a complete checkpoint directory (no COMPLETE marker)")
     verify_checkpoint(path)
+    key = "ema" if ema else "model"
     if (path / "model.pt").is_file():
-        state = load_torch(path / "model.pt", map_location="cpu")["ema" if ema else "model"]
+        source = path / "model.pt"
+        saved = load_torch(source, map_location="cpu")
+        state = saved.get(key) if isinstance(saved, dict) else None
+        if not isinstance(state, dict) or not all(isinstance(v, Tensor) for v in state.values()):
+            raise CheckpointError(f"{source} holds no {key!r} state dict: a damaged checkpoint")
     elif (path / "dcp").is_dir():
-        state = _from_dcp(path / "dcp", "ema" if ema else "model")
+        source = path / "dcp"
+        state = _from_dcp(source, key, model)
     elif (path / "deepspeed").is_dir():
+        source = path / "deepspeed"
         if ema:
-            state = _deepspeed_ema(path)
+            state = _deepspeed_ema(path, model)
         else:
             from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
@@ -87,6 +107,8 @@ def load_checkpoint_weights(checkpoint: str | Path, ema: bool = True) -> dict[st
                 state = get_fp32_state_dict_from_zero_checkpoint(str(path), tag="deepspeed")
     else:
         raise CheckpointError(f"{str(path)!r} holds no model.pt, dcp/ or deepspeed/: not a dis_dist checkpoint")
+    check_weights(model, layout(state), source)
+    check_finite(state, source)
     return {k: v.float().contiguous() for k, v in state.items()}
 
 
@@ -95,13 +117,11 @@ def export_checkpoint(checkpoint: str | Path, out_dir: str | Path, ema: bool = T
     from safetensors.torch import save_file
 
     path, out = Path(checkpoint), Path(out_dir)
-    info_file = path / "model.json"
+    info_file = path / MODEL_INFO
     if not info_file.is_file():
-        raise CheckpointError(f"{str(path)!r} has no model.json (what build_model needs)")
-    info = json.loads(info_file.read_text())
-    state = load_checkpoint_weights(path, ema=ema)
-    with torch.device("meta"):  # checks names and shapes without allocating a model
-        build_model(**{k: info[k] for k in BUILD_KEYS}).load_state_dict(state, assign=True)
+        raise CheckpointError(f"{str(path)!r} has no {MODEL_INFO} (what build_model needs)")
+    info = read_model_spec(info_file)
+    state = load_checkpoint_weights(path, build_meta_model(info), ema=ema)
     out.mkdir(parents=True, exist_ok=True)
     weights = out / WEIGHTS_FILE
     save_file(state, str(weights))
@@ -133,29 +153,39 @@ def load_model(
     checkpoint; EMA weights unless ``ema=False``), in eval mode, and its description: what
     build_model takes, plus ``vae``, ``scaling_factor``, ``class_names``, ``diffusion``
     (num_steps and schedule; DiS's 1000-step linear one where the files predate it), and the
-    ``checkpoint`` and ``weights`` (ema or raw) the weights come from."""
+    ``checkpoint`` and ``weights`` (ema or raw) the weights come from.
+    Everything is checked before the model takes memory (dis_dist.train.model_spec): a damaged
+    or hostile description or weights file is a CheckpointError naming it and the key."""
     path = Path(path)
     if (path / CONFIG_FILE).is_file() and (path / WEIGHTS_FILE).is_file():
-        from safetensors.torch import load_file
-
-        info = json.loads((path / CONFIG_FILE).read_text())
-        state = load_file(str(path / WEIGHTS_FILE))
+        info = read_model_spec(path / CONFIG_FILE)
+        model = build_meta_model(info, **model_kwargs)
+        state = load_safetensors(path / WEIGHTS_FILE, model)
     else:
         path = resolve_checkpoint(path)
-        if not (path / "model.json").is_file():
+        if not (path / MODEL_INFO).is_file():
             raise CheckpointError(
-                f"{str(path)!r} is neither an exported model (config.json + {WEIGHTS_FILE}) nor a "
-                f"checkpoint with model.json"
+                f"{str(path)!r} is neither an exported model ({CONFIG_FILE} + {WEIGHTS_FILE}) nor a "
+                f"checkpoint with {MODEL_INFO}"
             )
-        info = {**json.loads((path / "model.json").read_text()), "checkpoint": str(path.resolve()),
+        info = {**read_model_spec(path / MODEL_INFO), "checkpoint": str(path.resolve()),
                 "weights": "ema" if ema else "raw"}
-        if "diffusion" not in info and (path / "config.yaml").is_file():
-            info["diffusion"] = yaml.safe_load((path / "config.yaml").read_text()).get("diffusion")
-        state = load_checkpoint_weights(path, ema=ema)
+        if "diffusion" not in info and (path / "config.yaml").is_file():  # written before model.json had it
+            info = check_model_spec({**info, "diffusion": _run_config_diffusion(path / "config.yaml")},
+                                    path / "config.yaml")
+        model = build_meta_model(info, **model_kwargs)
+        state = load_checkpoint_weights(path, model, ema=ema)
     info["diffusion"] = {**DEFAULT_DIFFUSION, **(info.get("diffusion") or {})}
-    model = build_model(**{k: info[k] for k in BUILD_KEYS}, **model_kwargs)
-    model.load_state_dict(state)
+    model.load_state_dict({k: v.float() for k, v in state.items()}, assign=True)  # the checked tensors
     return model.to(device).eval(), info
+
+
+def _run_config_diffusion(file: Path) -> object:
+    try:
+        config = yaml.safe_load(file.read_text())
+    except (OSError, yaml.YAMLError) as e:
+        raise CheckpointError(f"{file} is unreadable: {type(e).__name__}") from None
+    return config.get("diffusion") if isinstance(config, dict) else None
 
 
 @cli_main

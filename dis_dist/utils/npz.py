@@ -10,6 +10,11 @@ from typing import IO
 
 import numpy as np
 
+from dis_dist.errors import DataError
+
+# What reading a damaged or foreign file as an .npz raises.
+NPZ_ERRORS = (zipfile.BadZipFile, OSError, ValueError, KeyError, EOFError)
+
 
 def write_npz(path: str | Path, arrays: dict[str, tuple[tuple[int, ...], np.dtype, Iterable[np.ndarray]]]) -> None:
     """Write each ``name: (shape, dtype, pieces)``, pieces concatenated along axis 0, as
@@ -36,8 +41,12 @@ def write_npz(path: str | Path, arrays: dict[str, tuple[tuple[int, ...], np.dtyp
 
 
 def npz_keys(path: str | Path) -> list[str]:
-    with zipfile.ZipFile(path) as zf:
-        return [n[: -len(".npy")] for n in zf.namelist() if n.endswith(".npy")]
+    """The arrays an ``.npz`` holds; DataError naming it when it is not a zip file."""
+    try:
+        with zipfile.ZipFile(path) as zf:
+            return [n[: -len(".npy")] for n in zf.namelist() if n.endswith(".npy")]
+    except NPZ_ERRORS as e:
+        raise DataError(f"{str(path)!r} is not an .npz (zip) file: {e}") from None
 
 
 def _read_header(f: IO[bytes]) -> tuple[tuple[int, ...], bool, np.dtype]:
@@ -46,18 +55,27 @@ def _read_header(f: IO[bytes]) -> tuple[tuple[int, ...], bool, np.dtype]:
     return read(f)
 
 
-def npz_shape(path: str | Path, key: str) -> tuple[int, ...]:
-    with zipfile.ZipFile(path) as zf, zf.open(f"{key}.npy") as f:
-        return _read_header(f)[0]
+def npz_header(path: str | Path, key: str) -> tuple[tuple[int, ...], np.dtype]:
+    """Shape and dtype of one array of an ``.npz``, from its header (nothing else is read)."""
+    try:
+        with zipfile.ZipFile(path) as zf, zf.open(f"{key}.npy") as f:
+            shape, _, dtype = _read_header(f)
+    except NPZ_ERRORS as e:
+        raise DataError(f"{str(path)!r}: {key} is not a readable array ({type(e).__name__}: {e})") from None
+    return shape, dtype
 
 
 def iter_npz(path: str | Path, key: str, batch: int) -> Iterator[np.ndarray]:
-    """Rows of one array of an ``.npz``, ``batch`` at a time, read from the file as they go."""
-    with zipfile.ZipFile(path) as zf, zf.open(f"{key}.npy") as f:
-        shape, fortran, dtype = _read_header(f)
-        if fortran:
-            raise ValueError(f"{path}: {key} is stored in Fortran order")
-        row = int(np.prod(shape[1:], dtype=np.int64)) * dtype.itemsize
-        for start in range(0, shape[0], batch):
-            n = min(batch, shape[0] - start)
-            yield np.frombuffer(f.read(n * row), dtype=dtype).reshape((n, *shape[1:]))
+    """Rows of one array of an ``.npz``, ``batch`` at a time, read from the file as they go;
+    DataError naming the file when it is damaged."""
+    try:
+        with zipfile.ZipFile(path) as zf, zf.open(f"{key}.npy") as f:
+            shape, fortran, dtype = _read_header(f)
+            if fortran or dtype.hasobject:
+                raise ValueError(f"{key} is stored {'in Fortran order' if fortran else 'as Python objects'}")
+            row = int(np.prod(shape[1:], dtype=np.int64)) * dtype.itemsize
+            for start in range(0, shape[0], batch):
+                n = min(batch, shape[0] - start)
+                yield np.frombuffer(f.read(n * row), dtype=dtype).reshape((n, *shape[1:]))
+    except NPZ_ERRORS as e:
+        raise DataError(f"{str(path)!r}: {key} is damaged ({type(e).__name__}: {e})") from None
