@@ -242,3 +242,32 @@ def test_a_read_only_run_dir_or_a_file_is_one_line(tmp_path, fmnist_root):
     afile.write_text("I am a file")
     with pytest.raises(DisDistError, match="not a directory"):
         Trainer(_config(afile, fmnist_root)).fit()
+
+
+# -- 1. a reference that evaluation cannot use fails before training, and is not cached ------------
+
+@pytest.mark.parametrize("case", ["nan images", "nan statistics", "too few samples"])
+def test_a_reference_evaluation_cannot_use_fails_at_start_and_caches_nothing(
+        case, tmp_path, fmnist_root, classifier, monkeypatch):
+    import numpy as np
+
+    from dis_dist.errors import DataError
+
+    cache = tmp_path / "cache"
+    monkeypatch.setenv("DIS_DIST_CACHE", str(cache))
+    reference = tmp_path / "reference.npz"
+    samples = "eval.num_samples=16"
+    if case == "nan images":  # what passed the start-up check and was cached before
+        np.savez(reference, arr_0=np.full((16, 32, 32, 1), np.nan, dtype=np.float32))
+    elif case == "nan statistics":
+        np.savez(reference, mu=np.full(256, np.nan), sigma=np.eye(256))
+    else:  # precision/recall (k = 3) need more than 3 samples
+        np.savez(reference, arr_0=np.random.default_rng(0).integers(0, 256, (16, 32, 32, 1), dtype=np.uint8))
+        samples = "eval.num_samples=3"
+    cfg = _config(tmp_path / "run", fmnist_root, "eval.every=3", f"eval.reference={reference}",
+                  "eval.features=fmnist", f"eval.weights={classifier}", samples)
+    with pytest.raises(DataError):
+        Trainer(cfg)
+    if case != "too few samples":  # (there the reference itself is sound: its checked statistics may stay)
+        assert not any(cache.rglob("*.npz")), list(cache.rglob("*"))
+    assert not (tmp_path / "run").exists()

@@ -107,6 +107,8 @@ class ReferenceStats:
         return cls(Gaussian.of(features["pool"]), spatial, features["pool"], len(features["pool"]))
 
     def save(self, path: Path) -> None:
+        """Write the statistics to ``path``, only once they read back as :meth:`load` checks them:
+        a cache holds nothing unchecked."""
         arrays = {"mu": self.pool.mu, "sigma": self.pool.sigma, "count": np.asarray(self.count)}
         if self.spatial is not None:
             arrays |= {"mu_s": self.spatial.mu, "sigma_s": self.spatial.sigma}
@@ -115,6 +117,11 @@ class ReferenceStats:
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(path.name + ".tmp.npz")
         np.savez(tmp, **arrays)
+        try:
+            ReferenceStats.load(tmp)
+        except DataError as e:
+            tmp.unlink()
+            raise DataError(f"the statistics of {self.source or 'the reference'} are not usable: {e}") from None
         tmp.replace(path)
 
     @classmethod

@@ -81,6 +81,18 @@ def check_comparable(
                             f"{count} images, {reference.source}: {ref_count}; use more, or --no-precision-recall")
 
 
+def check_reference(reference: ReferenceStats, extractor: Extractor, num_samples: int,
+                    image_shape: tuple[int, int, int], with_precision_recall: bool) -> None:
+    """Before any sample is drawn: ``num_samples`` images of ``image_shape`` (H, W, C) can be
+    scored against ``reference`` with ``extractor`` (the checks :func:`score` makes, on features
+    of their shape)."""
+    probe = extractor(np.zeros((2, *image_shape), dtype=np.uint8))
+    features = {k: np.zeros((num_samples, *v.shape[1:]), dtype=np.float32) for k, v in probe.items()}
+    check_comparable(features, reference, extractor, None, with_precision_recall, f"{num_samples} samples")
+    if num_samples < 2:
+        raise DataError(f"{num_samples} samples cannot be scored: the metrics need at least 2")
+
+
 def format_metrics(metrics: dict[str, float]) -> str:
     return ", ".join(f"{METRIC_NAMES[k]} {v:.4f}" for k, v in metrics.items())
 

@@ -16,7 +16,7 @@ from dis_dist.diffusion import GaussianDiffusion
 from dis_dist.distributed.env import DistEnv
 from dis_dist.errors import ConfigError
 from dis_dist.eval.features import build_extractor, reference_stats
-from dis_dist.eval.fid import score
+from dis_dist.eval.fid import check_reference, score
 from dis_dist.sample import generate_share, sample_settings
 
 VAE_DOWNSAMPLING = 8  # image pixels per latent pixel (the SD VAE), for references stored as images
@@ -35,10 +35,16 @@ class Evaluator:
         self.decode = latent_decoder(vae, scaling_factor, env.device)
         self.extractor = build_extractor(ec.features, ec.weights or None, env.device)
         resolution = model_spec["input_size"] * (1 if vae == "pixels" else VAE_DOWNSAMPLING)
-        # Rank 0 scores; it reads (or computes and caches) the reference now, so a wrong path
-        # fails before training starts.
-        self.reference = reference_stats(ec.reference, self.extractor, resolution=resolution,
-                                         batch_size=ec.batch_size) if env.is_main else None
+        # Rank 0 scores; it reads (or computes, checks and caches) the reference now and checks
+        # that eval.num_samples samples can be scored against it, so that what evaluation will
+        # need fails before training starts.
+        self.reference = None
+        if env.is_main:
+            self.reference = reference_stats(ec.reference, self.extractor, resolution=resolution,
+                                             batch_size=ec.batch_size)
+            channels = model_spec["in_channels"] if vae == "pixels" else 3
+            check_reference(self.reference, self.extractor, ec.num_samples, (resolution, resolution, channels),
+                            ec.precision_recall)
         self.settings = sample_settings(cfg)
 
     def __call__(
