@@ -192,7 +192,13 @@ def _settings(args: argparse.Namespace) -> SampleSettings:
 def _agreed_settings(out: Path, record: dict) -> dict:
     """The settings ``out`` was started with; a rerun must agree (the batch size aside: the
     parts' layout stays the first run's), or its parts would mix two runs."""
-    saved = json.loads((out / SETTINGS_FILE).read_text())
+    try:
+        saved = json.loads((out / SETTINGS_FILE).read_text())
+        if not isinstance(saved, dict):
+            raise ValueError("not a JSON object")
+    except (OSError, ValueError) as e:
+        raise DataError(f"{out / SETTINGS_FILE} is damaged ({e}): the settings of the samples in {out} are "
+                        f"unknown; use another --out, or delete it") from None
     diff = [f"{k}: {saved.get(k)!r} != {v!r}" for k, v in record.items() if k != "batch_size" and saved.get(k) != v]
     if diff:
         raise ConfigError(f"{out} holds samples drawn with other settings ({', '.join(diff)}); "

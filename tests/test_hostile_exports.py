@@ -334,3 +334,15 @@ def test_a_damaged_sample_part_is_drawn_again(
     assert parts[0].stat().st_mtime_ns == kept  # the undamaged parts are not drawn again
     with np.load(out / "samples.npz") as z:
         assert z.files == list(expected) and all(np.array_equal(z[k], expected[k]) for k in expected)
+
+
+def test_a_damaged_sampling_json_is_one_line(tmp_path):
+    from dis_dist.errors import DataError
+    from dis_dist.sample import SETTINGS_FILE, _agreed_settings
+
+    (tmp_path / SETTINGS_FILE).write_text('{"sampler": "ddim", ')  # cut off
+    with pytest.raises(DataError, match="damaged"):
+        _agreed_settings(tmp_path, {"sampler": "ddim"})
+    (tmp_path / SETTINGS_FILE).write_text("[1, 2]")
+    with pytest.raises(DataError, match="not a JSON object"):
+        _agreed_settings(tmp_path, {"sampler": "ddim"})
