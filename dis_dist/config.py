@@ -326,8 +326,38 @@ def save_config(cfg: RunConfig, path: str | Path) -> None:
 
 
 def validate(cfg: RunConfig, world_size: int | None = None) -> None:
-    """Cross-field checks; raises ConfigError naming the key. The checks that depend on the
-    number of ranks run only when ``world_size`` is given (when the job starts)."""
+    """Check what the types alone do not, section by section; ConfigError naming the key. The
+    checks that depend on the number of ranks run only when ``world_size`` is given (when the
+    job starts)."""
+    _validate_model_and_data(cfg)
+    _validate_train(cfg)
+    _validate_optim(cfg)
+    _validate_sampling(cfg)
+    _validate_eval(cfg)
+    _validate_checkpoint_and_log(cfg)
+    _validate_dist(cfg, world_size)
+    _validate_batch(cfg, world_size)
+
+
+def _positive(**values: float) -> None:
+    for key, value in values.items():
+        if value <= 0:
+            raise ConfigError(f"{key.replace('__', '.')} must be positive, got {value}")
+
+
+def _non_negative(**values: float) -> None:
+    for key, value in values.items():
+        if value < 0:
+            raise ConfigError(f"{key.replace('__', '.')} must be >= 0, got {value}")
+
+
+def _fraction(**values: float) -> None:
+    for key, value in values.items():
+        if not 0.0 <= value < 1.0:
+            raise ConfigError(f"{key.replace('__', '.')} must be in [0, 1), got {value}")
+
+
+def _validate_model_and_data(cfg: RunConfig) -> None:
     from dis_dist.models.dis import parse_model_name  # models import config-free modules only
 
     _, patch = parse_model_name(cfg.model.name)
@@ -336,60 +366,68 @@ def validate(cfg: RunConfig, world_size: int | None = None) -> None:
             f"data.image_size={cfg.data.image_size} is not divisible by the patch size {patch} "
             f"of model.name={cfg.model.name!r}"
         )
-    positive = {
-        "train.steps": cfg.train.steps,
-        "train.global_batch": cfg.train.global_batch,
-        "train.micro_batch": cfg.train.micro_batch,
-        "data.image_size": cfg.data.image_size,
-        "diffusion.num_steps": cfg.diffusion.num_steps,
-        "log.every": cfg.log.every,
-        "checkpoint.keep_last": cfg.checkpoint.keep_last,
-        "optim.lr": cfg.optim.lr,
-    }
-    for key, value in positive.items():
-        if value <= 0:
-            raise ConfigError(f"{key} must be positive, got {value}")
-    non_negative = {
-        "sample.every": cfg.sample.every,
-        "checkpoint.every": cfg.checkpoint.every,
-        "optim.warmup_steps": cfg.optim.warmup_steps,
-        "optim.grad_clip": cfg.optim.grad_clip,
-        "optim.weight_decay": cfg.optim.weight_decay,
-        "train.max_skipped_in_a_row": cfg.train.max_skipped_in_a_row,
-        "checkpoint.keep_every": cfg.checkpoint.keep_every,
-        "checkpoint.lock_lease_s": cfg.checkpoint.lock_lease_s,
-        "sample.ddim_eta": cfg.sample.ddim_eta,
-        "train.seed": cfg.train.seed,
-        "sample.seed": cfg.sample.seed,
-        "sample.batch_size": cfg.sample.batch_size,
-    }
-    for key, value in non_negative.items():
-        if value < 0:
-            raise ConfigError(f"{key} must be >= 0, got {value}")
-    for key, value in {
-        "train.ema_decay": cfg.train.ema_decay,
-        "model.class_dropout_prob": cfg.model.class_dropout_prob,
-        "model.drop_path_rate": cfg.model.drop_path_rate,
-    }.items():
-        if not 0.0 <= value < 1.0:
-            raise ConfigError(f"{key} must be in [0, 1), got {value}")
-    if len(cfg.optim.betas) != 2 or not all(0.0 <= b < 1.0 for b in cfg.optim.betas):
-        raise ConfigError(f"optim.betas must be two numbers in [0, 1), got {cfg.optim.betas}")
-    interval = cfg.sample.cfg_interval
-    if len(interval) != 2 or not 0 <= interval[0] < interval[1]:
-        raise ConfigError(f"sample.cfg_interval must be [lo, hi] timesteps, 0 <= lo < hi, got {interval}")
-    if cfg.diffusion.min_snr_gamma < 0:
-        raise ConfigError(f"diffusion.min_snr_gamma must be >= 0, got {cfg.diffusion.min_snr_gamma}")
+    _positive(data__image_size=cfg.data.image_size)
+    _fraction(model__class_dropout_prob=cfg.model.class_dropout_prob, model__drop_path_rate=cfg.model.drop_path_rate)
     if cfg.data.source == "shards" and not cfg.data.url:
         raise ConfigError("data.source='shards' needs data.url, the directory of the cache")
     if cfg.data.num_workers < 0 or cfg.data.shuffle_buffer < 1:
         raise ConfigError("data.num_workers must be >= 0 and data.shuffle_buffer >= 1")
-    if cfg.train.activation_checkpointing < 0:
-        raise ConfigError(f"train.activation_checkpointing must be >= 0, got {cfg.train.activation_checkpointing}")
-    if cfg.eval.every < 0 or cfg.eval.num_samples < 2 or cfg.eval.batch_size < 1:
+
+
+def _validate_train(cfg: RunConfig) -> None:
+    train = cfg.train
+    _positive(train__steps=train.steps, train__global_batch=train.global_batch, train__micro_batch=train.micro_batch)
+    _non_negative(train__max_skipped_in_a_row=train.max_skipped_in_a_row, train__seed=train.seed)
+    _fraction(train__ema_decay=train.ema_decay)
+    if train.activation_checkpointing < 0:
+        raise ConfigError(f"train.activation_checkpointing must be >= 0, got {train.activation_checkpointing}")
+
+
+def _validate_optim(cfg: RunConfig) -> None:
+    optim = cfg.optim
+    _positive(optim__lr=optim.lr)
+    _non_negative(optim__warmup_steps=optim.warmup_steps, optim__grad_clip=optim.grad_clip,
+                  optim__weight_decay=optim.weight_decay)
+    if len(optim.betas) != 2 or not all(0.0 <= b < 1.0 for b in optim.betas):
+        raise ConfigError(f"optim.betas must be two numbers in [0, 1), got {optim.betas}")
+
+
+def _validate_sampling(cfg: RunConfig) -> None:
+    """The diffusion and the sampler of grids and evaluations."""
+    from dis_dist.diffusion.schedule import space_timesteps
+
+    sample = cfg.sample
+    _positive(diffusion__num_steps=cfg.diffusion.num_steps)
+    _non_negative(sample__every=sample.every, sample__ddim_eta=sample.ddim_eta, sample__seed=sample.seed,
+                  sample__batch_size=sample.batch_size)
+    if len(sample.cfg_interval) != 2 or not 0 <= sample.cfg_interval[0] < sample.cfg_interval[1]:
+        raise ConfigError(f"sample.cfg_interval must be [lo, hi] timesteps, 0 <= lo < hi, got {sample.cfg_interval}")
+    if cfg.diffusion.min_snr_gamma < 0:
+        raise ConfigError(f"diffusion.min_snr_gamma must be >= 0, got {cfg.diffusion.min_snr_gamma}")
+    if sample.num <= 0 and sample.every > 0:
+        raise ConfigError(f"sample.num must be positive when sample.every > 0, got {sample.num}")
+    if len(space_timesteps(cfg.diffusion.num_steps, sample.steps)) < 2:  # ConfigError if impossible
+        raise ConfigError(f"sample.steps={sample.steps!r}: the sampler needs at least 2 steps")
+
+
+def _validate_eval(cfg: RunConfig) -> None:
+    ev = cfg.eval
+    if ev.every < 0 or ev.num_samples < 2 or ev.batch_size < 1:
         raise ConfigError("eval.every must be >= 0, eval.num_samples >= 2 and eval.batch_size >= 1")
-    if cfg.eval.every and not cfg.eval.reference:
+    if ev.every and not ev.reference:
         raise ConfigError("eval.every > 0 needs eval.reference: the images (or statistics) to compare samples with")
+
+
+def _validate_checkpoint_and_log(cfg: RunConfig) -> None:
+    ckpt = cfg.checkpoint
+    _positive(log__every=cfg.log.every, checkpoint__keep_last=ckpt.keep_last)
+    _non_negative(checkpoint__every=ckpt.every, checkpoint__keep_every=ckpt.keep_every,
+                  checkpoint__lock_lease_s=ckpt.lock_lease_s)
+    if ckpt.async_save and cfg.dist.strategy != "fsdp":
+        raise ConfigError(f"checkpoint.async_save needs dist.strategy='fsdp' (got {cfg.dist.strategy!r})")
+
+
+def _validate_dist(cfg: RunConfig, world_size: int | None) -> None:
     dist = cfg.dist
     if dist.timeout_min <= 0:
         raise ConfigError(f"dist.timeout_min must be positive, got {dist.timeout_min}")
@@ -414,10 +452,13 @@ def validate(cfg: RunConfig, world_size: int | None = None) -> None:
             f"dist.strategy='single' runs one process, but the job has {world_size} ranks; "
             f"choose one of: ddp, fsdp, deepspeed"
         )
-    if cfg.checkpoint.async_save and dist.strategy != "fsdp":
-        raise ConfigError(f"checkpoint.async_save needs dist.strategy='fsdp' (got {dist.strategy!r})")
     if dist.deepspeed_config and not Path(dist.deepspeed_config).is_file():
         raise ConfigError(f"dist.deepspeed_config: {dist.deepspeed_config!r} does not exist")
+
+
+def _validate_batch(cfg: RunConfig, world_size: int | None) -> None:
+    """The global batch splits into micro-batches over the data-parallel ranks."""
+    cp = cfg.dist.context_parallel
     data_parallel = (world_size or cp) // cp  # ranks unknown: the micro-batch at least
     per_step = cfg.train.micro_batch * data_parallel
     if cfg.train.global_batch % per_step:
@@ -426,12 +467,6 @@ def validate(cfg: RunConfig, world_size: int | None = None) -> None:
             f"data-parallel ranks (world size / dist.context_parallel) = {cfg.train.micro_batch} x {data_parallel}; "
             f"pick a global batch that is a multiple of {per_step}"
         )
-    if cfg.sample.num <= 0 and cfg.sample.every > 0:
-        raise ConfigError(f"sample.num must be positive when sample.every > 0, got {cfg.sample.num}")
-    from dis_dist.diffusion.schedule import space_timesteps
-
-    if len(space_timesteps(cfg.diffusion.num_steps, cfg.sample.steps)) < 2:  # ConfigError if impossible
-        raise ConfigError(f"sample.steps={cfg.sample.steps!r}: the sampler needs at least 2 steps")
 
 
 def grad_accumulation(cfg: RunConfig, world_size: int) -> int:

@@ -310,6 +310,30 @@ def table(model: str, resolution: int, gpus: int, gpu_mem: float, global_batch: 
     and the recommendation across them."""
     if resolution % 8:
         raise ConfigError(f"--resolution {resolution} is not a multiple of the VAE's factor 8")
+    ks = _context_parallel_sizes(gpus, global_batch, gpus_per_node, context_parallel)
+    latent = resolution // 8
+    lines: list[str] = []
+    ranked: list[Choice] = []
+    for k in ks:
+        ests = estimate(model, latent=latent, num_classes=num_classes, gpus=gpus,
+                        gpus_per_node=gpus_per_node, precision=precision, context_parallel=k)
+        found = choices(ests, global_batch // (gpus // k), gpu_mem, host)
+        ranked += found
+        lines += [*([""] if lines else []),
+                  *_settings_table(model, resolution, gpus, gpu_mem, global_batch, precision, num_classes, host,
+                                   k, ests, found)]
+    if not ranked:
+        lines.append(f"\nnothing fits in {gpu_mem:g} GB with a micro-batch of 1: use more GPUs"
+                     + ("" if context_parallel == 1 else " or more context parallelism"))
+        return "\n".join(lines)
+    return "\n".join([*lines, "", *_recommendation(min(ranked, key=lambda c: (c.score, c.memory)), ks, gpus,
+                                                    gpus_per_node)])
+
+
+def _context_parallel_sizes(gpus: int, global_batch: int, gpus_per_node: int, context_parallel: int) -> list[int]:
+    """The context-parallel sizes k to plan for: the one asked for, or (0) each of 1, 2, 4, 8 that
+    fits a node and divides the GPUs and the batch; ConfigError when the GPUs or the batch do not
+    divide."""
     if context_parallel < 0:
         raise ConfigError(f"--context-parallel {context_parallel} is negative (0: let the planner choose)")
     if context_parallel:
@@ -323,63 +347,59 @@ def table(model: str, resolution: int, gpus: int, gpu_mem: float, global_batch: 
         if global_batch % (gpus // k):
             raise ConfigError(f"--global-batch {global_batch} is not divisible by --gpus {gpus}"
                               + (f" / --context-parallel {k} = {gpus // k}" if k > 1 else ""))
+    return ks
+
+
+def _settings_table(model: str, resolution: int, gpus: int, gpu_mem: float, global_batch: int, precision: str,
+                    num_classes: int, host: bool, k: int, ests: list[Estimate], found: list[Choice]) -> list[str]:
+    """The lines of one context-parallel size's table: its heading, a row per setting."""
     latent = resolution // 8
     params = count_parameters(model, input_size=latent, in_channels=4, num_classes=num_classes)
     tokens = (latent // parse_model_name(model)[1]) ** 2 + (2 if num_classes else 1)
     unit = "rank" if host else "GPU"
+    per_gpu = global_batch // (gpus // k)
+    best = {(c.estimate.setting.name, c.checkpointing): c for c in reversed(found)}
 
     def fit(c: Choice | None) -> str:
         return f"{c.micro_batch} ({c.memory / GB:.1f} GB)" if c else "does not fit"
 
-    lines: list[str] = []
-    ranked: list[Choice] = []
-    for k in ks:
-        per_gpu = global_batch // (gpus // k)
-        ests = estimate(model, latent=latent, num_classes=num_classes, gpus=gpus,
-                        gpus_per_node=gpus_per_node, precision=precision, context_parallel=k)
-        found = choices(ests, per_gpu, gpu_mem, host)
-        ranked += found
-        best = {(c.estimate.setting.name, c.checkpointing): c for c in reversed(found)}
-        cp = f", context parallel {k} ({-(-tokens // k)} of {tokens} tokens per {unit})" if k > 1 else ""
-        lines += [
-            *([""] if lines else []),
-            f"{model} ({params / 1e6:.0f}M parameters) at {resolution} px ({latent}x{latent}x4 latents), "
-            f"{precision}, {gpus} {'CPU ranks' if host else 'GPUs'} x {gpu_mem:g} GB, global batch {global_batch} "
-            f"({per_gpu} per {unit}){cp}",
-            "",
-            f"{'setting':<11} {'weights':>8} {'grads':>7} {'optim':>7} {'EMA':>6} {'buffers':>8} "
-            f"{'act/img':>8} {'act/img ckpt':>12} {'micro (no ckpt)':>16} {'micro (ckpt)':>13}",
-            "-" * 104,
-        ]
-        for e in ests:
-            n = e.setting.name
-            lines.append(
-                f"{n:<11} {e.weights / GB:>8.2f} {e.grads / GB:>7.2f} {e.optimizer / GB:>7.2f} {e.ema / GB:>6.2f} "
-                f"{e.transient / GB:>8.2f} {e.act_per_sample / GB:>8.2f} "
-                f"{(e.act_per_sample_ckpt + e.act_block) / GB:>12.3f} {fit(best.get((n, False))):>16} "
-                f"{fit(best.get((n, True))):>13}"
-            )
-        lines.append("(GB per GPU; micro: the largest micro-batch dividing the per-GPU batch that fits, "
-                     "and the estimated peak)")
-        if k > 1:
-            lines += [f"(act/img: a GPU's 1/{k} of each sample's tokens, with the context-parallel buffers)",
-                      "(zero1, zero2, zero3 left out: DeepSpeed has no context parallelism)"]
-    if not ranked:
-        lines.append(f"\nnothing fits in {gpu_mem:g} GB with a micro-batch of 1: use more GPUs"
-                     + ("" if context_parallel == 1 else " or more context parallelism"))
-        return "\n".join(lines)
-    c = min(ranked, key=lambda c: (c.score, c.memory))
+    cp = f", context parallel {k} ({-(-tokens // k)} of {tokens} tokens per {unit})" if k > 1 else ""
+    lines = [
+        f"{model} ({params / 1e6:.0f}M parameters) at {resolution} px ({latent}x{latent}x4 latents), "
+        f"{precision}, {gpus} {'CPU ranks' if host else 'GPUs'} x {gpu_mem:g} GB, global batch {global_batch} "
+        f"({per_gpu} per {unit}){cp}",
+        "",
+        f"{'setting':<11} {'weights':>8} {'grads':>7} {'optim':>7} {'EMA':>6} {'buffers':>8} "
+        f"{'act/img':>8} {'act/img ckpt':>12} {'micro (no ckpt)':>16} {'micro (ckpt)':>13}",
+        "-" * 104,
+    ]
+    for e in ests:
+        n = e.setting.name
+        lines.append(
+            f"{n:<11} {e.weights / GB:>8.2f} {e.grads / GB:>7.2f} {e.optimizer / GB:>7.2f} {e.ema / GB:>6.2f} "
+            f"{e.transient / GB:>8.2f} {e.act_per_sample / GB:>8.2f} "
+            f"{(e.act_per_sample_ckpt + e.act_block) / GB:>12.3f} {fit(best.get((n, False))):>16} "
+            f"{fit(best.get((n, True))):>13}"
+        )
+    lines.append("(GB per GPU; micro: the largest micro-batch dividing the per-GPU batch that fits, "
+                 "and the estimated peak)")
+    if k > 1:
+        lines += [f"(act/img: a GPU's 1/{k} of each sample's tokens, with the context-parallel buffers)",
+                  "(zero1, zero2, zero3 left out: DeepSpeed has no context parallelism)"]
+    return lines
+
+
+def _recommendation(c: Choice, ks: list[int], gpus: int, gpus_per_node: int) -> list[str]:
+    """The chosen setting in words, and the config overrides that select it."""
     k = c.estimate.context_parallel
     keys = [f"dist.strategy={c.estimate.setting.strategy}", *c.estimate.setting.overrides,
             *([f"dist.context_parallel={k}"] if k > 1 else []),
             f"train.micro_batch={c.micro_batch}", f"train.activation_checkpointing={int(c.checkpointing)}"]
     keys = [key.replace("<gpus per node>", str(min(gpus, gpus_per_node))) for key in keys]
     over = f" (over context parallel {', '.join(map(str, ks))})" if len(ks) > 1 else ""
-    lines += ["", f"recommended{over}: {c.estimate.setting.name}"
-              + (f", context parallel {k}" if k > 1 else "")
-              + f", micro-batch {c.micro_batch} x {c.accumulation} accumulation, activation checkpointing "
-              f"{'on' if c.checkpointing else 'off'}, about {c.memory / GB:.1f} GB per GPU", "  " + " ".join(keys)]
-    return "\n".join(lines)
+    return [f"recommended{over}: {c.estimate.setting.name}" + (f", context parallel {k}" if k > 1 else "")
+            + f", micro-batch {c.micro_batch} x {c.accumulation} accumulation, activation checkpointing "
+            f"{'on' if c.checkpointing else 'off'}, about {c.memory / GB:.1f} GB per GPU", "  " + " ".join(keys)]
 
 
 @cli_main

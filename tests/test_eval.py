@@ -20,7 +20,7 @@ from dis_dist.eval.classifier import FmnistClassifier
 from dis_dist.eval.features import ReferenceStats, build_extractor, extract, reference_stats
 from dis_dist.eval.images import open_images
 from dis_dist.eval.metrics import Gaussian, frechet_distance, inception_score, precision_recall
-from dis_dist.sample import SampleSettings, batches_of_rank, generate, sample_labels
+from dis_dist.sampling import Sampler, SampleSettings, batches_of_rank, sample_labels
 from dis_dist.utils.npz import iter_npz, write_npz
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -239,8 +239,11 @@ def _tiny_model() -> tuple[torch.nn.Module, object]:
 
 def test_a_sample_depends_only_on_its_seed_and_index() -> None:
     model, diffusion = _tiny_model()
-    kw = dict(channels=1, size=16, num_classes=10, settings=SampleSettings(seed=5, cfg_scale=2.0),
-              decode=lambda z: z, device=torch.device("cpu"))
+    kw = dict(settings=SampleSettings(seed=5, cfg_scale=2.0), decode=lambda z: z, device=torch.device("cpu"))
+
+    def generate(model, diffusion, indices, **kw):
+        return Sampler(diffusion, **kw).generate(model, indices)  # shape and classes: the model's
+
     images, labels = generate(model, diffusion, [0, 1, 2, 3], **kw)
     assert images.shape == (4, 16, 16, 3) and images.dtype == np.uint8 and labels.shape == (4,)
     again, _ = generate(model, diffusion, [0, 1, 2, 3], **kw)

@@ -147,7 +147,7 @@ def test_every_loader_reads_data_only(tmp_path):
     import io
     import pickle
 
-    from dis_dist.train.safe_load import DataOnlyPlanner, DataOnlyReader, load_torch, torch_load_as_data
+    from dis_dist.utils.safe_load import DataOnlyPlanner, DataOnlyReader, load_torch, torch_load_as_data
 
     marker = tmp_path / "payload-ran"
     file = tmp_path / "planted.pt"

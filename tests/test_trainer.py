@@ -11,8 +11,7 @@ import torch
 from dis_dist.config import load_config
 from dis_dist.errors import CheckpointError
 from dis_dist.train.checkpoint import MARKER, CheckpointManager, resolve_resume
-from dis_dist.train.ema import ema_decay_at
-from dis_dist.train.optim import lr_factor
+from dis_dist.train.optim import ema_decay_at, lr_factor
 from dis_dist.train.trainer import Trainer
 
 

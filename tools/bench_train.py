@@ -30,14 +30,15 @@ import torch  # noqa: E402
 
 from dis_dist.config import RunConfig  # noqa: E402
 from dis_dist.distributed.env import DistEnv  # noqa: E402
-from dis_dist.models.flops import model_flops  # noqa: E402
+from dis_dist.models.spec import ModelSpec  # noqa: E402
 from dis_dist.plan import FRAGMENTATION, GB, RESERVE_GB, SETTINGS, estimate  # noqa: E402
 from dis_dist.train.metrics import peak_flops, peak_memory_gb  # noqa: E402
 from dis_dist.utils.cli import cli_main  # noqa: E402
 from tools.train_step import add_step_args, build_train_step, describe, setup  # noqa: E402
 
 
-def time_steps(args: argparse.Namespace, cfg: RunConfig, env: DistEnv, spec: dict, backend: str) -> tuple[float, float]:
+def time_steps(args: argparse.Namespace, cfg: RunConfig, env: DistEnv, spec: ModelSpec,
+               backend: str) -> tuple[float, float]:
     """(seconds per step, images/s) of ``args.steps`` timed steps with the scan ``backend``."""
     train = build_train_step(args, cfg, env, spec, backend)
     for _ in range(args.warmup):
@@ -69,7 +70,7 @@ def main(argv: list[str] | None = None) -> int:
 
     cfg, env, spec = setup(args)
     device = env.device
-    flops = 3 * model_flops(**spec).total
+    flops = 3 * spec.flops().total
     peak = peak_flops(device, args.precision)
     setting = {"single": "ddp", "ddp": "ddp", "deepspeed": f"zero{args.zero_stage}"}.get(args.strategy, "fsdp")
     assert setting in {s.name for s in SETTINGS}

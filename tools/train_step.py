@@ -18,9 +18,9 @@ from torch.profiler import record_function
 from dis_dist.config import RunConfig, load_config
 from dis_dist.diffusion import create_diffusion
 from dis_dist.distributed.env import DistEnv, init_distributed
-from dis_dist.distributed.strategy import Strategy, build_strategy
-from dis_dist.models import build_model
-from dis_dist.models.flops import count_parameters
+from dis_dist.distributed.registry import build_strategy
+from dis_dist.distributed.strategy import Strategy
+from dis_dist.models.spec import ModelSpec
 from dis_dist.train.optim import adamw
 
 STEP_RANGES = ("forward+backward", "optimizer", "ema")  # the record_function ranges of a step
@@ -40,7 +40,7 @@ def add_step_args(p: argparse.ArgumentParser, *, steps: int = 10, warmup: int = 
     p.add_argument("--warmup", type=int, default=warmup, help="steps taken before measuring")
 
 
-def setup(args: argparse.Namespace) -> tuple[RunConfig, DistEnv, dict]:
+def setup(args: argparse.Namespace) -> tuple[RunConfig, DistEnv, ModelSpec]:
     """The run config, this process's place in the job (a process group even of one for the
     strategies that need one; :func:`~dis_dist.utils.cli.cli_main` closes it) and the model spec
     for ``build_model``."""
@@ -52,13 +52,13 @@ def setup(args: argparse.Namespace) -> tuple[RunConfig, DistEnv, dict]:
     ])
     env = init_distributed(args.strategy, "auto")
     cfg.train.global_batch = args.micro_batch * env.world_size
-    spec = {"name": args.model, "input_size": args.latent, "in_channels": 4, "num_classes": 1000}
+    spec = ModelSpec(args.model, input_size=args.latent, in_channels=4, num_classes=1000)
     return cfg, env, spec
 
 
-def describe(args: argparse.Namespace, env: DistEnv, spec: dict) -> str:
+def describe(args: argparse.Namespace, env: DistEnv, spec: ModelSpec) -> str:
     """One line naming the step: model, size, strategy, precision, batch, ranks and device."""
-    params = count_parameters(**spec)  # on the meta device: no second model in memory
+    params = spec.num_parameters()  # on the meta device: no second model in memory
     device = env.device
     return (f"{args.model} latent {args.latent} ({params / 1e6:.0f}M params), {args.strategy}"
             f"{' ZeRO-' + str(args.zero_stage) if args.strategy == 'deepspeed' else ''}, {args.precision}, "
@@ -73,11 +73,12 @@ class TrainStep:
     strategy: Strategy
 
 
-def build_train_step(args: argparse.Namespace, cfg: RunConfig, env: DistEnv, spec: dict, backend: str) -> TrainStep:
+def build_train_step(args: argparse.Namespace, cfg: RunConfig, env: DistEnv, spec: ModelSpec,
+                     backend: str) -> TrainStep:
     """A fresh model (seed 0) with the scan ``backend`` under the strategy of ``cfg``, the trainer's
     AdamW at a constant rate, and a step on fixed random latents with fresh diffusion times."""
     torch.manual_seed(0)
-    model = build_model(**spec, scan_backend=backend)
+    model = spec.build(scan_backend=backend)
     model.set_activation_checkpointing(args.ckpt)
     strategy = build_strategy(
         env, cfg, model, 1,

@@ -14,6 +14,7 @@ import os
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import TypeVar
 
 import torch
 import torch.distributed as dist
@@ -23,6 +24,7 @@ from dis_dist.errors import ConfigError
 log = logging.getLogger(__name__)
 
 DEFAULT_PORT = 29500
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -45,6 +47,14 @@ class DistEnv:
     def barrier(self) -> None:
         if self.distributed:
             dist.barrier()
+
+    def gather_to_main(self, obj: T) -> list[T] | None:
+        """Collective. Every rank's picklable ``obj``, in rank order, on rank 0; None elsewhere."""
+        if not self.distributed:
+            return [obj]
+        everyone: list = [None] * self.world_size
+        dist.all_gather_object(everyone, obj)
+        return everyone if self.is_main else None
 
 
 def resolve_device(name: str, local_rank: int = 0) -> torch.device:

@@ -34,13 +34,15 @@ from dis_dist.distributed.strategy import (
     SchedulerFactory,
     StepResult,
     Strategy,
+    lerp_ema,
     local_tensor,
     optimizer_numel,
     param_groups,
     swap_values,
 )
 from dis_dist.errors import CheckpointError, ConfigError
-from dis_dist.train.safe_load import DataOnlyPlanner, DataOnlyReader
+from dis_dist.models.spec import check_weights
+from dis_dist.utils.safe_load import DataOnlyPlanner, DataOnlyReader
 
 log = logging.getLogger(__name__)
 
@@ -117,9 +119,8 @@ class FSDPStrategy(Strategy):
 
     @torch.no_grad()
     def update_ema(self, decay: float) -> None:
-        ema = [local_tensor(e) for e in self._ema]
-        params = [local_tensor(p.detach()) for p in self.model.parameters()]
-        torch._foreach_lerp_(ema, params, 1.0 - decay)
+        lerp_ema([local_tensor(e) for e in self._ema], [local_tensor(p.detach()) for p in self.model.parameters()],
+                 decay)
 
     @contextmanager
     def ema_for_sampling(self) -> Iterator[tuple[nn.Module, bool]]:
@@ -176,6 +177,20 @@ class FSDPStrategy(Strategy):
             raise
         except Exception as e:  # DCP's CheckpointException carries each failing rank's error
             raise CheckpointError(f"{path} cannot be loaded: {type(e).__name__}: {str(e)[:500]}") from None
+
+    @classmethod
+    def read_weights(cls, directory: Path, model: nn.Module, ema: bool = True) -> tuple[dict[str, Tensor], Path]:
+        source, prefix = directory / DCP_DIR, "ema" if ema else "model"
+        reader = DataOnlyReader(str(source))
+        meta = reader.read_metadata().state_dict_metadata
+        tensors = {key: m for key, m in meta.items() if key.startswith(prefix + ".") and hasattr(m, "size")}
+        check_weights(model, {k[len(prefix) + 1 :]: (tuple(m.size), str(m.properties.dtype).removeprefix("torch."))
+                              for k, m in tensors.items()}, source)  # before allocating what it says
+        state = {key: torch.empty(m.size, dtype=m.properties.dtype) for key, m in tensors.items()}
+        with warnings.catch_warnings():  # "assuming the intent is to load in a single process": it is
+            warnings.simplefilter("ignore", UserWarning)
+            dcp.load(state, storage_reader=reader, planner=DataOnlyPlanner(), no_dist=True)
+        return {key[len(prefix) + 1 :]: value for key, value in state.items()}, source
 
     def local_numel(self) -> dict[str, int]:
         return {

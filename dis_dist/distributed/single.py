@@ -16,12 +16,14 @@ from dis_dist.distributed.strategy import (
     SchedulerFactory,
     StepResult,
     Strategy,
+    lerp_ema,
     optimizer_numel,
     param_groups,
 )
 from dis_dist.errors import CheckpointError
-from dis_dist.train.ema import ema_update
-from dis_dist.train.safe_load import load_torch
+from dis_dist.utils.safe_load import load_torch
+
+CHECKPOINT_FILE = "model.pt"  # {"model", "ema", "optimizer"}: state dicts
 
 
 class SingleDeviceStrategy(Strategy):
@@ -48,7 +50,7 @@ class SingleDeviceStrategy(Strategy):
         return self._clip_and_step(p for p in self.module.parameters() if p.grad is not None)
 
     def update_ema(self, decay: float) -> None:
-        ema_update(self._ema, self.module, decay)
+        lerp_ema(list(self._ema.parameters()), [p.detach() for p in self.module.parameters()], decay)
 
     def full_state_dict(self, ema: bool = True) -> dict[str, Tensor] | None:
         if not self.env.is_main:
@@ -68,11 +70,11 @@ class SingleDeviceStrategy(Strategy):
                     "ema": self._ema.state_dict(),
                     "optimizer": self.optimizer.state_dict(),
                 },
-                directory / "model.pt",
+                directory / CHECKPOINT_FILE,
             )
 
     def load(self, directory: Path) -> None:
-        file = directory / "model.pt"
+        file = directory / CHECKPOINT_FILE
         state = load_torch(file, map_location=self.env.device)
         try:
             self.module.load_state_dict(state["model"])
@@ -80,6 +82,15 @@ class SingleDeviceStrategy(Strategy):
             self.optimizer.load_state_dict(state["optimizer"])
         except (KeyError, TypeError, ValueError, RuntimeError) as e:
             raise CheckpointError(f"{file} does not fit this model: {type(e).__name__}: {e}") from None
+
+    @classmethod
+    def read_weights(cls, directory: Path, model: nn.Module, ema: bool = True) -> tuple[dict[str, Tensor], Path]:
+        source, key = directory / CHECKPOINT_FILE, "ema" if ema else "model"
+        saved = load_torch(source, map_location="cpu")
+        state = saved.get(key) if isinstance(saved, dict) else None
+        if not isinstance(state, dict) or not all(isinstance(v, Tensor) for v in state.values()):
+            raise CheckpointError(f"{source} holds no {key!r} state dict: a damaged checkpoint")
+        return state, source
 
     def local_numel(self) -> dict[str, int]:
         return {

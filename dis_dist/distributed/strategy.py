@@ -1,7 +1,8 @@
 """The Strategy interface: it wraps (model, optimizer, schedule) and owns what depends on how
 the model is distributed: placement, gradient accumulation and synchronisation, the optimiser
 step (clipping included), the EMA, full state dicts and checkpoint I/O. The trainer calls only
-this interface; ``build_strategy`` picks the implementation named by ``dist.strategy``.
+this interface; ``dis_dist.distributed.registry.build_strategy`` picks the implementation that
+``dist.strategy`` names.
 """
 
 from __future__ import annotations
@@ -133,6 +134,14 @@ class Strategy(ABC):
     def load(self, directory: Path) -> None:
         """Collective. Restore what :meth:`save` wrote."""
 
+    @classmethod
+    @abstractmethod
+    def read_weights(cls, directory: Path, model: nn.Module, ema: bool = True) -> tuple[dict[str, Tensor], Path]:
+        """Offline, with no process group: the whole EMA (or raw) weights of a checkpoint this
+        strategy saved into ``directory``, and the file or directory they came from. Where the
+        layout states the tensors' shapes, they are checked against ``model`` (on the meta
+        device: dis_dist.models.spec.check_weights) before anything is allocated."""
+
     @abstractmethod
     def local_numel(self) -> dict[str, int]:
         """Elements this rank stores of the parameters, the optimiser states and the EMA."""
@@ -162,6 +171,13 @@ def swap_values(a: Sequence[Tensor], b: Sequence[Tensor]) -> None:
         y.copy_(kept)
 
 
+@torch.no_grad()
+def lerp_ema(ema: Sequence[Tensor], current: Sequence[Tensor], decay: float) -> None:
+    """ema <- decay * ema + (1 - decay) * current, tensor by tensor in one foreach call (the
+    current values cast to the EMA's dtype): the EMA update of every strategy."""
+    torch._foreach_lerp_(list(ema), [c.to(e.dtype) for c, e in zip(current, ema)], 1.0 - decay)
+
+
 def optimizer_numel(optimizer: torch.optim.Optimizer) -> int:
     """Elements of the tensors in a torch optimiser's state (local shards for DTensors)."""
     total = 0
@@ -175,22 +191,3 @@ def optimizer_numel(optimizer: torch.optim.Optimizer) -> int:
 def local_tensor(t: Tensor) -> Tensor:
     """This rank's shard of a DTensor; the tensor itself otherwise."""
     return t.to_local() if hasattr(t, "to_local") else t
-
-
-def build_strategy(
-    env: DistEnv, cfg: RunConfig, model: nn.Module, accum: int,
-    make_optimizer: OptimizerFactory, make_scheduler: SchedulerFactory,
-) -> Strategy:
-    """The strategy named by ``dist.strategy``."""
-    name = cfg.dist.strategy
-    if name == "single":
-        from dis_dist.distributed.single import SingleDeviceStrategy as cls
-    elif name == "ddp":
-        from dis_dist.distributed.ddp import DDPStrategy as cls
-    elif name == "fsdp":
-        from dis_dist.distributed.fsdp import FSDPStrategy as cls
-    elif name == "deepspeed":
-        from dis_dist.distributed.zero import DeepSpeedStrategy as cls
-    else:
-        raise AssertionError(f"unhandled dist.strategy {name!r}")  # config lists the choices
-    return cls(env, cfg, model, accum, make_optimizer, make_scheduler)

@@ -31,12 +31,14 @@ from dis_dist.distributed.strategy import (
     SchedulerFactory,
     StepResult,
     Strategy,
+    lerp_ema,
     optimizer_numel,
     param_groups,
     swap_values,
 )
 from dis_dist.errors import BackendError, CheckpointError, ConfigError
-from dis_dist.train.safe_load import load_torch, torch_load_as_data
+from dis_dist.models.spec import check_weights
+from dis_dist.utils.safe_load import load_torch, torch_load_as_data
 
 log = logging.getLogger(__name__)
 
@@ -131,6 +133,13 @@ def partition_from_meta(deepspeed, model: nn.Module, device: torch.device, seed:
         deepspeed.zero.Init(module=unit, config_dict_or_path=ds_config)
 
 
+def place_fragment(whole: Tensor, start: int, fragment: Tensor) -> None:
+    """Copy a rank's ``fragment`` of a flattened parameter into ``whole`` at ``start`` (ZeRO-3
+    pads the last partition past the parameter's end: the padding is dropped)."""
+    n = max(0, min(fragment.numel(), whole.numel() - start))
+    whole[start : start + n] = fragment[:n].to(whole.device)
+
+
 def share_master_partitions(optimizer: Any) -> None:
     """ZeRO-3 over fp32 weights (this project's bf16 is torch autocast, so its weights are always
     fp32) needs no second fp32 copy of each partition as the master, and DeepSpeed 0.19 means to
@@ -201,8 +210,7 @@ class DeepSpeedStrategy(Strategy):
     @torch.no_grad()
     def update_ema(self, decay: float) -> None:
         current = self._fragments()
-        ema = [self._ema[name][1] for name in current]
-        torch._foreach_lerp_(ema, [frag.float() for _, frag in current.values()], 1.0 - decay)
+        lerp_ema([self._ema[name][1] for name in current], [frag for _, frag in current.values()], decay)
 
     @contextmanager
     def ema_for_sampling(self) -> Iterator[tuple[nn.Module, bool]]:
@@ -243,9 +251,7 @@ class DeepSpeedStrategy(Strategy):
             shape = self._shapes[name]
             whole = torch.zeros(math.prod(shape), device=self.env.device)
             if name in fragments:
-                start, frag = fragments[name]
-                n = max(0, min(frag.numel(), whole.numel() - start))  # ZeRO-3 pads the last partition
-                whole[start : start + n] = frag[:n].to(whole.device)
+                place_fragment(whole, *fragments[name])
             dist.reduce(whole, dst=0)  # fragments of different ranks do not overlap
             if self.env.is_main:
                 full[name] = whole.view(shape).cpu()
@@ -281,6 +287,27 @@ class DeepSpeedStrategy(Strategy):
             raise CheckpointError(f"DeepSpeed found no checkpoint in {str(directory / TAG)!r}")
         for name, (_, tensor) in saved["fragments"].items():
             self._ema[name][1].copy_(tensor)
+
+    @classmethod
+    def read_weights(cls, directory: Path, model: nn.Module, ema: bool = True) -> tuple[dict[str, Tensor], Path]:
+        """The EMA from every rank's fragments (``ema_rank<r>.pt``), or the raw weights through
+        DeepSpeed's zero_to_fp32 (its loads as data)."""
+        if not ema:
+            from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+            with torch_load_as_data():
+                return get_fp32_state_dict_from_zero_checkpoint(str(directory), tag=TAG), directory / TAG
+        parts = [load_torch(f) for f in sorted(directory.glob("ema_rank*.pt"))]
+        if not parts or len(parts) != parts[0]["world_size"]:
+            raise CheckpointError(f"{str(directory)!r}: expected one ema_rank<r>.pt per rank, found {len(parts)}")
+        shapes = parts[0]["shapes"]
+        check_weights(model, {name: (shape, "float32") for name, shape in shapes.items()},
+                      directory / "ema_rank0.pt")  # before allocating what it says
+        full = {name: torch.zeros(math.prod(shape)) for name, shape in shapes.items()}
+        for part in parts:
+            for name, (start, frag) in part["fragments"].items():
+                place_fragment(full[name], start, frag)
+        return {name: t.view(shapes[name]) for name, t in full.items()}, directory / TAG
 
     def local_numel(self) -> dict[str, int]:
         stored = [p.ds_tensor if hasattr(p, "ds_tensor") else p for p in self._params]

@@ -17,8 +17,8 @@ from torch import Tensor, nn
 
 from dis_dist.data.fmnist import CLASS_NAMES, DEFAULT_ROOT, load_fmnist
 from dis_dist.errors import ConfigError
-from dis_dist.train.safe_load import load_torch
 from dis_dist.utils.cli import cli_main, setup_logging
+from dis_dist.utils.safe_load import load_torch
 
 log = logging.getLogger(__name__)
 DEFAULT_PATH = ".cache/fmnist_classifier.pt"

@@ -17,8 +17,12 @@ from concurrent.futures import Future
 from contextlib import contextmanager
 from pathlib import Path
 
-from dis_dist.errors import CheckpointError
-from dis_dist.train.safe_load import DataOnlyReader, load_torch
+import torch.distributed as dist
+
+from dis_dist.distributed.env import DistEnv
+from dis_dist.distributed.fsdp import DCP_DIR
+from dis_dist.errors import CheckpointError, CheckpointMismatch
+from dis_dist.utils.safe_load import DataOnlyReader, load_torch
 
 log = logging.getLogger(__name__)
 
@@ -47,22 +51,20 @@ def verify_checkpoint(path: Path) -> None:
         recorded = json.loads(marker.read_text()).get("files")
     except (OSError, ValueError, AttributeError) as e:
         raise CheckpointError(f"{marker} is unreadable: {e}") from None
-    if recorded is not None:
-        if not isinstance(recorded, dict):
-            raise CheckpointError(f"{marker} is damaged: its file list is not an object")
-        for name, size in recorded.items():
-            if Path(name).is_absolute() or ".." in Path(name).parts:
-                raise CheckpointError(f"{marker} is damaged: it lists {name!r}, outside the checkpoint")
-            file = path / name
-            actual = file.stat().st_size if file.is_file() else None
-            if actual != size:
-                found = "missing" if actual is None else f"{actual} bytes"
-                raise CheckpointError(f"{file} is {found}; the checkpoint was written with {size} bytes")
-    # What is read on resume: the listed files (written by an older version: every torch file).
-    torch_files = [path / n for n in recorded if n.endswith(".pt")] if recorded else sorted(path.rglob("*.pt"))
-    for file in torch_files:
-        load_torch(file, map_location="cpu", mmap=True)
-    dcp = path / "dcp"
+    if not isinstance(recorded, dict):
+        raise CheckpointError(f"{marker} is damaged: its file list is not an object")
+    for name, size in recorded.items():
+        if Path(name).is_absolute() or ".." in Path(name).parts:
+            raise CheckpointError(f"{marker} is damaged: it lists {name!r}, outside the checkpoint")
+        file = path / name
+        actual = file.stat().st_size if file.is_file() else None
+        if actual != size:
+            found = "missing" if actual is None else f"{actual} bytes"
+            raise CheckpointError(f"{file} is {found}; the checkpoint was written with {size} bytes")
+    for name in recorded:  # the torch files resume reads
+        if name.endswith(".pt"):
+            load_torch(path / name, map_location="cpu", mmap=True)
+    dcp = path / DCP_DIR
     if dcp.is_dir():
         DataOnlyReader(str(dcp)).read_metadata()
 
@@ -192,7 +194,7 @@ def resolve_resume(resume: str, manager: CheckpointManager) -> Path | None:
     path = Path(resume)
     if not path.is_dir():
         raise CheckpointError(f"--resume {resume!r}: no such checkpoint directory")
-    if not any((path / name).is_file() for name in CHECKPOINT_FILES):
+    if not _STEP_DIR.match(path.name) and not any((path / name).is_file() for name in CHECKPOINT_FILES):
         raise CheckpointError(
             f"--resume {resume!r} is not a checkpoint (it holds none of {', '.join(CHECKPOINT_FILES)}): give a "
             f"run's checkpoints/step_* directory, or --resume auto"
@@ -203,3 +205,62 @@ def resolve_resume(resume: str, manager: CheckpointManager) -> Path | None:
             f"being written; pick an older checkpoint or use --resume auto"
         )
     return path
+
+
+def resume_agreed(resume: str, manager: CheckpointManager, env: DistEnv, load: Callable[[Path], None]) -> Path | None:
+    """Collective. Load (with ``load``, on every rank) the checkpoint ``--resume`` names and
+    return its path: with "auto", the newest complete one that every rank loads (damaged ones
+    are skipped with a warning); None when there is none (a fresh run) or with "none". Rank 0
+    lists the candidates and checks each one's files first (cheap: no tensor data is read), so
+    every rank tries the same checkpoints in the same order and agrees on the one it resumes."""
+    choice: list = [None]  # rank 0's candidates, or its error (every rank raises it)
+    if env.is_main:
+        try:
+            if resume == "auto":
+                choice = [[str(p) for _, p in reversed(manager.complete())]]
+            else:
+                path = resolve_resume(resume, manager)
+                choice = [[str(path)] if path is not None else []]
+        except CheckpointError as e:
+            choice = [str(e)]
+    if env.distributed:
+        dist.broadcast_object_list(choice, src=0)
+    if isinstance(choice[0], str):
+        raise CheckpointError(choice[0])
+    failures = []
+    for path in map(Path, choice[0]):
+        reason = _agree(env, _attempt(verify_checkpoint, path) if env.is_main else None)
+        if reason is None:
+            reason = _agree(env, _attempt(load, path))
+        if reason is None:
+            return path
+        if resume != "auto":
+            raise CheckpointError(reason)
+        failures.append(f"{path.name}: {reason}")
+        if env.is_main:
+            log.warning("skipping checkpoint %s: %s", path, reason)
+    if failures:
+        raise CheckpointError(f"no loadable checkpoint in {str(manager.root)!r} ({'; '.join(failures)}); "
+                              f"restore one, or start afresh with --resume none")
+    return None
+
+
+def _attempt(fn: Callable[[Path], None], path: Path) -> str | None:
+    """None when ``fn(path)`` succeeds; the reason when it raises CheckpointError (a checkpoint
+    that belongs to another run raises on: it is no reason to fall back)."""
+    try:
+        fn(path)
+    except CheckpointMismatch:
+        raise
+    except CheckpointError as e:
+        return str(e)
+    return None
+
+
+def _agree(env: DistEnv, reason: str | None) -> str | None:
+    """Collective. The first reason any rank has (None when none has one)."""
+    if not env.distributed:
+        return reason
+    reasons: list[str | None] = [None] * env.world_size
+    dist.all_gather_object(reasons, reason)
+    return next((f"rank {r}: {x}" for r, x in enumerate(reasons) if x is not None), None)

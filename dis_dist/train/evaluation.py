@@ -7,7 +7,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
-import torch.distributed as dist
 from torch import nn
 
 from dis_dist.config import RunConfig
@@ -17,7 +16,8 @@ from dis_dist.distributed.env import DistEnv
 from dis_dist.errors import ConfigError
 from dis_dist.eval.features import build_extractor, reference_stats
 from dis_dist.eval.fid import check_reference, score
-from dis_dist.sample import generate_share, sample_settings
+from dis_dist.models.spec import ModelSpec
+from dis_dist.sampling import Sampler, SampleSettings
 
 VAE_DOWNSAMPLING = 8  # image pixels per latent pixel (the SD VAE), for references stored as images
 
@@ -26,15 +26,15 @@ class Evaluator:
     """Built by every rank at the start of training (the feature network and the decoder
     everywhere, the reference statistics on rank 0); called collectively."""
 
-    def __init__(self, cfg: RunConfig, env: DistEnv, model_spec: dict, vae: str, scaling_factor: float,
+    def __init__(self, cfg: RunConfig, env: DistEnv, spec: ModelSpec, vae: str, scaling_factor: float,
                  batch_size: int) -> None:
-        self.cfg, self.env, self.spec, self.batch_size = cfg, env, model_spec, batch_size
+        self.cfg, self.env, self.batch_size = cfg, env, batch_size
         ec = cfg.eval
         if "://" not in ec.reference and not Path(ec.reference).exists():  # on every rank: none waits for rank 0
             raise ConfigError(f"eval.reference: {ec.reference!r} does not exist")
         self.decode = latent_decoder(vae, scaling_factor, env.device)
         self.extractor = build_extractor(ec.features, ec.weights or None, env.device)
-        resolution = model_spec["input_size"] * (1 if vae == "pixels" else VAE_DOWNSAMPLING)
+        resolution = spec.input_size * (1 if vae == "pixels" else VAE_DOWNSAMPLING)
         # Rank 0 scores; it reads (or computes, checks and caches) the reference now and checks
         # that eval.num_samples samples can be scored against it, so that what evaluation will
         # need fails before training starts.
@@ -42,10 +42,10 @@ class Evaluator:
         if env.is_main:
             self.reference = reference_stats(ec.reference, self.extractor, resolution=resolution,
                                              batch_size=ec.batch_size)
-            channels = model_spec["in_channels"] if vae == "pixels" else 3
+            channels = spec.in_channels if vae == "pixels" else 3
             check_reference(self.reference, self.extractor, ec.num_samples, (resolution, resolution, channels),
                             ec.precision_recall)
-        self.settings = sample_settings(cfg)
+        self.settings = SampleSettings.of(cfg.sample)
 
     def __call__(
         self, model: nn.Module, diffusion: GaussianDiffusion, collective: bool = False
@@ -53,24 +53,18 @@ class Evaluator:
         """Collective. The metrics on rank 0, None elsewhere. ``collective``: every rank must
         call ``model`` equally often (a sharded model)."""
         ec, env = self.cfg.eval, self.env
+        sampler = Sampler(diffusion, self.settings, self.decode, env.device, bf16=self.cfg.train.precision == "bf16")
         features: dict[str, list[np.ndarray]] = {}
         labels: list[np.ndarray] = []
-        for _, images, y in generate_share(
-            model, diffusion, ec.num_samples, self.batch_size, rank=env.rank, world_size=env.world_size,
-            collective=collective, channels=self.spec["in_channels"], size=self.spec["input_size"],
-            num_classes=self.spec["num_classes"], settings=self.settings, decode=self.decode,
-            device=env.device, bf16=self.cfg.train.precision == "bf16",
-        ):
+        for _, images, y in sampler.share(model, ec.num_samples, self.batch_size, rank=env.rank,
+                                          world_size=env.world_size, collective=collective):
             for key, value in self.extractor(images).items():
                 features.setdefault(key, []).append(value)
             if y is not None:
                 labels.append(y)
         mine = ({k: np.concatenate(v) for k, v in features.items()}, np.concatenate(labels) if labels else None)
-        everyone = [mine]
-        if env.distributed:
-            everyone = [None] * env.world_size
-            dist.all_gather_object(everyone, mine)
-        if not env.is_main:
+        everyone = env.gather_to_main(mine)
+        if everyone is None:
             return None
         parts = [p for p in everyone if len(p[0])]  # a rank with no batch sends nothing
         merged = {k: np.concatenate([p[0][k] for p in parts]) for k in parts[0][0]}

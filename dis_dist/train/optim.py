@@ -1,5 +1,5 @@
-"""The optimiser: AdamW, and its learning-rate schedule (linear warm-up, then constant or cosine
-decay to a floor)."""
+"""The optimiser and its schedules: AdamW, its learning rate (linear warm-up, then constant or
+cosine decay to a floor), and the decay of the weights' moving average (EMA)."""
 
 from __future__ import annotations
 
@@ -25,3 +25,8 @@ def lr_factor(step: int, *, warmup: int, total: int, schedule: str, min_ratio: f
         return 1.0
     progress = min(1.0, (step - warmup) / max(1, total - warmup))
     return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def ema_decay_at(decay: float, num_updates: int, warmup: bool) -> float:
+    """The EMA decay of update number ``num_updates`` (0-based); with warm-up min(decay, (1+n)/(10+n))."""
+    return min(decay, (1 + num_updates) / (10 + num_updates)) if warmup else decay

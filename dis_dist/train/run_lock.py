@@ -20,9 +20,14 @@ import socket
 import threading
 import time
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+import torch.distributed as dist
+
+from dis_dist.distributed.env import DistEnv
 from dis_dist.errors import RunDirError
 
 log = logging.getLogger(__name__)
@@ -173,6 +178,31 @@ class RunLock:
 
     def __exit__(self, *exc: object) -> None:
         self.release()
+
+
+@contextmanager
+def hold_run_dir(env: DistEnv, run_dir: Path, lease_s: float) -> Iterator[RunLock | None]:
+    """Collective. Rank 0 holds ``run_dir``'s lease while the block runs (None elsewhere, and
+    with ``lease_s`` 0: no lock); when it cannot have it, every rank raises RunDirError before
+    touching anything."""
+    lock, error = None, None
+    if env.is_main and lease_s:
+        lock = RunLock(run_dir, lease_s)
+        try:
+            lock.acquire()
+        except RunDirError as e:
+            lock, error = None, str(e)
+    if env.distributed:
+        box = [error]
+        dist.broadcast_object_list(box, src=0)
+        error = box[0]
+    if error:
+        raise RunDirError(error)
+    try:
+        yield lock
+    finally:
+        if lock is not None:
+            lock.release()
 
 
 def _reason(e: OSError) -> str:

@@ -1,5 +1,5 @@
 """The training loop: diffusion loss, gradient accumulation, strategy step, EMA, logging, sample
-grids and checkpoints. It never knows which strategy runs the model."""
+grids, evaluations and checkpoints. It never knows which strategy runs the model."""
 
 from __future__ import annotations
 
@@ -10,34 +10,33 @@ import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
-import torch.distributed as dist
 import yaml
+from torch import Tensor
 
 from dis_dist.config import RunConfig, grad_accumulation, save_config, to_dict, validate
 from dis_dist.data import build_loader
 from dis_dist.data.encoders import display_decoder
 from dis_dist.diffusion import create_diffusion
 from dis_dist.distributed.env import DistEnv, bound_host_heap, context_parallel_group, init_distributed
-from dis_dist.distributed.strategy import StepResult, build_strategy
-from dis_dist.errors import CheckpointError, CheckpointMismatch, RunDirError, TrainingError
+from dis_dist.distributed.registry import build_strategy
+from dis_dist.distributed.strategy import StepResult
+from dis_dist.errors import CheckpointError, CheckpointMismatch, TrainingError
 from dis_dist.eval.fid import format_metrics
-from dis_dist.models import build_model
-from dis_dist.models.flops import model_flops
+from dis_dist.models import DiS
+from dis_dist.models.spec import ModelSpec
 from dis_dist.plan import sample_batch_size
-from dis_dist.sample import generate_share, sample_settings
-from dis_dist.train.checkpoint import CheckpointManager, resolve_resume, verify_checkpoint
-from dis_dist.train.ema import ema_decay_at
+from dis_dist.sampling import Sampler, SampleSettings
+from dis_dist.train.checkpoint import CheckpointManager, resume_agreed
 from dis_dist.train.evaluation import Evaluator
 from dis_dist.train.metrics import RunLogger, format_duration, free_memory_bytes, peak_flops, peak_memory_gb
-from dis_dist.train.optim import adamw, lr_factor
+from dis_dist.train.optim import adamw, ema_decay_at, lr_factor
 from dis_dist.train.preemption import StopRequest
-from dis_dist.train.run_lock import RunLock
-from dis_dist.train.safe_load import load_torch
+from dis_dist.train.run_lock import hold_run_dir
 from dis_dist.utils.images import make_grid, save_png
 from dis_dist.utils.seeding import mix_seed
 
@@ -71,6 +70,29 @@ class FitResult:
     metrics: dict[str, float] = field(default_factory=dict)  # of the last evaluation (rank 0)
 
 
+@dataclass
+class LogWindow:
+    """The steps since the last log: their loss sums, kept on the device (no host sync per step),
+    and how long they took, of which how much went to waiting for data and to periodic work
+    (grids, evaluations, checkpoints), which throughput leaves out."""
+
+    losses: Tensor  # (3,): sums of the loss, its mse and its vb term, each a mean over micro-batches
+    steps: int = 0
+    data_s: float = 0.0
+    other_s: float = 0.0
+    start: float = field(default_factory=time.perf_counter)
+
+
+@dataclass
+class Done:
+    """The step at which periodic work last ran (-1: not in this run), and the last grid drawn."""
+
+    checkpoint: int = -1
+    grid_step: int = -1
+    evaluation: int = -1
+    grid: np.ndarray | None = None
+
+
 class Trainer:
     """Builds data, model, diffusion and strategy from a config; ``fit`` runs to ``train.steps``."""
 
@@ -87,66 +109,16 @@ class Trainer:
         cp = cfg.dist.context_parallel
         self.dp_rank, self.dp_size = self.env.rank // cp, self.env.world_size // cp
         self.cp_group = context_parallel_group(self.env, cp)
-
-        self.loader = build_loader(
-            cfg.data, batch_size=cfg.train.micro_batch, seed=cfg.train.seed, rank=self.dp_rank,
-            world_size=self.dp_size,
-        )
+        self.loader = build_loader(cfg.data, batch_size=cfg.train.micro_batch, seed=cfg.train.seed,
+                                   rank=self.dp_rank, world_size=self.dp_size)
         self.num_classes = self.loader.num_classes if cfg.model.conditional else 0
         # What build_model needs to rebuild this model anywhere (saved with every checkpoint).
-        self.model_spec = {
-            "name": cfg.model.name, "input_size": self.loader.image_size,
-            "in_channels": self.loader.channels, "num_classes": self.num_classes,
-            "learn_sigma": cfg.model.learn_sigma,
-        }
-        # On the meta device: the strategy shards it, then gives storage to each rank's share and
-        # initialises it from train.seed (dis_dist/distributed/init.py), the same weights at any world size.
-        with torch.device("meta"):
-            model = build_model(
-                **self.model_spec,
-                class_dropout_prob=cfg.model.class_dropout_prob,
-                drop_path_rate=cfg.model.drop_path_rate,
-                scan_backend=cfg.model.scan_backend,
-            )
-        model.set_activation_checkpointing(cfg.train.activation_checkpointing)
-        self.num_params = sum(p.numel() for p in model.parameters())
-        # Training FLOPs per image (forward + backward = 3x forward), for MFU.
-        self.flops_per_image = 3 * model_flops(**self.model_spec).total
-        diff = cfg.diffusion
-        self.diffusion = create_diffusion(
-            num_steps=diff.num_steps, schedule=diff.schedule, learn_sigma=cfg.model.learn_sigma,
-            min_snr_gamma=diff.min_snr_gamma,
-        )
-        self.sample_diffusion = create_diffusion(
-            cfg.sample.steps, num_steps=diff.num_steps, schedule=diff.schedule,
-            learn_sigma=cfg.model.learn_sigma,
-        )
-        opt = cfg.optim
-
-        def make_optimizer(groups: list[dict]) -> torch.optim.Optimizer:
-            return adamw(groups, opt, self.env.device)
-
-        def make_scheduler(optimizer: torch.optim.Optimizer) -> torch.optim.lr_scheduler.LRScheduler:
-            return torch.optim.lr_scheduler.LambdaLR(
-                optimizer,
-                lambda step: lr_factor(
-                    step, warmup=opt.warmup_steps, total=cfg.train.steps, schedule=opt.schedule,
-                    min_ratio=opt.min_lr / opt.lr,
-                ),
-            )
-
-        self.strategy = build_strategy(self.env, cfg, model, self.accum, make_optimizer, make_scheduler)
-        self.module = model  # the DiS itself, whichever wrapper the strategy calls (sharded in place)
-        model.set_context_parallel(self.cp_group)
-        self.scheduler = self.strategy.scheduler
-        self._decode = None  # latents -> images for sample grids, built on first use
-        self.sample_batch = cfg.sample.batch_size or self._planned_sample_batch()
-        self.evaluator = (Evaluator(cfg, self.env, self.model_spec, self.loader.vae, self.loader.scaling_factor,
-                                    self.sample_batch) if cfg.eval.every else None)
-        self.metrics: dict[str, float] = {}  # of the last evaluation
-        self.checkpoints = CheckpointManager(
-            self.run_dir / "checkpoints", cfg.checkpoint.keep_last, cfg.checkpoint.keep_every
-        )
+        self.spec = ModelSpec(cfg.model.name, self.loader.image_size, self.loader.channels, self.num_classes,
+                              cfg.model.learn_sigma)
+        self._build_model_and_strategy()
+        self._build_sampling()
+        self.checkpoints = CheckpointManager(self.run_dir / "checkpoints", cfg.checkpoint.keep_last,
+                                             cfg.checkpoint.keep_every)
         self.step = 0
         self.ema_updates = 0
         self.skipped_steps = 0
@@ -155,27 +127,64 @@ class Trainer:
         self.stopped: str | None = None  # why fit stopped before its end step (a signal, a request)
         self.last_loss = float("nan")  # the mean loss of the last logging window
         self.images_per_sec = float("nan")  # and its throughput
+        self.metrics: dict[str, float] = {}  # of the last evaluation
 
-    def _planned_sample_batch(self) -> int:
-        """Samples per forward pass: the planner's inference estimate against half of this
-        rank's free memory, now that the training state is allocated."""
-        sc = self.cfg.sample
-        return sample_batch_size(
-            self.cfg.model.name, latent=self.loader.image_size, channels=self.loader.channels,
-            num_classes=self.num_classes, precision=self.cfg.train.precision,
-            guidance=bool(self.num_classes) and sc.cfg_scale != 1.0,
+    def _build_model_and_strategy(self) -> None:
+        """The model, built on the meta device: the strategy shards it, then gives storage to each
+        rank's share and initialises it from train.seed (dis_dist/distributed/init.py), the same
+        weights at any world size. Then the diffusions (training's, and the sampler's respaced one)."""
+        cfg = self.cfg
+        with torch.device("meta"):
+            model = self.spec.build(class_dropout_prob=cfg.model.class_dropout_prob,
+                                    drop_path_rate=cfg.model.drop_path_rate, scan_backend=cfg.model.scan_backend)
+        model.set_activation_checkpointing(cfg.train.activation_checkpointing)
+        self.num_params = sum(p.numel() for p in model.parameters())
+        self.flops_per_image = 3 * self.spec.flops().total  # forward + backward = 3x forward, for MFU
+        diff = cfg.diffusion
+        self.diffusion = create_diffusion(num_steps=diff.num_steps, schedule=diff.schedule,
+                                          learn_sigma=cfg.model.learn_sigma, min_snr_gamma=diff.min_snr_gamma)
+        self.sample_diffusion = create_diffusion(cfg.sample.steps, num_steps=diff.num_steps, schedule=diff.schedule,
+                                                 learn_sigma=cfg.model.learn_sigma)
+        self.strategy = build_strategy(self.env, cfg, model, self.accum, self._make_optimizer, self._make_scheduler)
+        self.module: DiS = model  # the DiS itself, whichever wrapper the strategy calls (sharded in place)
+        model.set_context_parallel(self.cp_group)
+        self.scheduler = self.strategy.scheduler
+        self.autocast = torch.autocast(self.env.device.type, torch.bfloat16, enabled=cfg.train.precision == "bf16")
+
+    def _make_optimizer(self, groups: list[dict]) -> torch.optim.Optimizer:
+        return adamw(groups, self.cfg.optim, self.env.device)
+
+    def _make_scheduler(self, optimizer: torch.optim.Optimizer) -> torch.optim.lr_scheduler.LRScheduler:
+        opt, total = self.cfg.optim, self.cfg.train.steps
+        return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(
+            step, warmup=opt.warmup_steps, total=total, schedule=opt.schedule, min_ratio=opt.min_lr / opt.lr))
+
+    def _build_sampling(self) -> None:
+        """The sample batch (the planner's inference estimate against half of this rank's free
+        memory, now that the training state is allocated, unless sample.batch_size says), the
+        grids' sampler (its decoder built on first use) and the evaluator."""
+        cfg = self.cfg
+        self.sample_batch = cfg.sample.batch_size or sample_batch_size(
+            cfg.model.name, latent=self.loader.image_size, channels=self.loader.channels,
+            num_classes=self.num_classes, precision=cfg.train.precision,
+            guidance=bool(self.num_classes) and cfg.sample.cfg_scale != 1.0,
             free_bytes=free_memory_bytes(self.env.device, self.env.local_world_size),
         )
+        self.grid_sampler: Sampler | None = None
+        self.evaluator = (Evaluator(cfg, self.env, self.spec, self.loader.vae, self.loader.scaling_factor,
+                                    self.sample_batch) if cfg.eval.every else None)
 
     # -- checkpoints ------------------------------------------------------------------------
     def model_info(self) -> dict:
         """What ``model.json`` records: build_model's arguments, the strategy, and the data and
         diffusion the weights belong to. A checkpoint resumes only a run that agrees on all of it."""
-        return {**self.model_spec, "strategy": self.strategy.name, "vae": self.loader.vae,
+        return {**asdict(self.spec), "strategy": self.strategy.name, "vae": self.loader.vae,
                 "scaling_factor": self.loader.scaling_factor, "class_names": list(self.loader.class_names),
                 "diffusion": {"num_steps": self.cfg.diffusion.num_steps, "schedule": self.cfg.diffusion.schedule}}
 
     def save_checkpoint(self) -> Path:
+        """Collective. Save the strategy's state and the trainer's beside it (``trainer.json``)."""
+
         def write(directory: Path) -> Future | None:
             pending = self.strategy.save(directory)
             if self.env.is_main:
@@ -199,7 +208,7 @@ class Trainer:
         return path
 
     def check_model_info(self, path: Path) -> None:
-        """Raise CheckpointError naming every key of ``path``'s model.json that differs from this run."""
+        """Raise CheckpointMismatch naming every key of ``path``'s model.json that differs from this run."""
         saved = _json_object(path / MODEL_INFO)
         current = json.loads(json.dumps(self.model_info()))  # tuples as lists, as saved
         diffs = [f"{key}: checkpoint {saved.get(key, '(none)')!r}, this run {current.get(key, '(none)')!r}"
@@ -210,15 +219,10 @@ class Trainer:
                 + "; ".join(diffs) + "): use another run_dir, --resume none, or the settings it was trained with"
             )
 
-    def _read_trainer_state(self, path: Path) -> dict:
-        if not (path / TRAINER_STATE).is_file() and (path / "trainer.pt").is_file():  # written before
-            return load_torch(path / "trainer.pt")  # trainer.json existed
-        return _json_object(path / TRAINER_STATE)
-
     def load_checkpoint(self, path: Path) -> None:
-        """Restore everything a checkpoint holds (collective). Raises CheckpointError."""
+        """Collective. Restore everything a checkpoint holds; CheckpointError when it cannot."""
         self.check_model_info(path)
-        state = self._read_trainer_state(path)
+        state = _json_object(path / TRAINER_STATE)
         self.strategy.load(path)
         try:
             self.step = int(state["step"])
@@ -232,86 +236,25 @@ class Trainer:
         log.info("resumed from %s at step %d", path, self.step)
 
     def _resume(self, resume: str) -> Path | None:
-        """Collective. Load the checkpoint ``--resume`` names and return its path: with "auto",
-        the newest complete one that loads (damaged ones are skipped with a warning); None when
-        there is none (a fresh run) or with "none"."""
-        choice: list = [None]  # rank 0's candidates, or its error (every rank raises it)
-        if self.env.is_main:
-            try:
-                if resume == "auto":
-                    choice = [[str(p) for _, p in reversed(self.checkpoints.complete())]]
-                else:
-                    path = resolve_resume(resume, self.checkpoints)
-                    choice = [[str(path)] if path is not None else []]
-            except CheckpointError as e:
-                choice = [str(e)]
-        if self.env.distributed:
-            dist.broadcast_object_list(choice, src=0)
-        if isinstance(choice[0], str):
-            raise CheckpointError(choice[0])
-        candidates = [Path(p) for p in choice[0]]
-        failures = []
-        for path in candidates:
-            # Rank 0 checks the files (cheap: no tensor data is read); then every rank loads.
-            reason = self._agree(self._attempt(verify_checkpoint, path) if self.env.is_main else None)
-            if reason is None:
-                reason = self._agree(self._attempt(self.load_checkpoint, path))
-            if reason is None:
-                return path
-            if resume != "auto":
-                raise CheckpointError(reason)
-            failures.append(f"{path.name}: {reason}")
-            if self.env.is_main:
-                log.warning("skipping checkpoint %s: %s", path, reason)
-        if failures:
-            raise CheckpointError(
-                f"no loadable checkpoint in {str(self.checkpoints.root)!r} ({'; '.join(failures)}); "
-                f"restore one, or start afresh with --resume none"
-            )
-        return None
+        """Collective. Load the checkpoint ``--resume`` names (dis_dist.train.checkpoint.resume_agreed)."""
+        return resume_agreed(resume, self.checkpoints, self.env, self.load_checkpoint)
 
-    @staticmethod
-    def _attempt(fn: Callable[[Path], None], path: Path) -> str | None:
-        """None when ``fn(path)`` succeeds; the reason when it raises CheckpointError (a
-        checkpoint that belongs to another run raises on: it is no reason to fall back)."""
-        try:
-            fn(path)
-        except CheckpointMismatch:
-            raise
-        except CheckpointError as e:
-            return str(e)
-        return None
-
-    def _agree(self, reason: str | None) -> str | None:
-        """The first reason any rank has (None when none has one)."""
-        if not self.env.distributed:
-            return reason
-        reasons: list[str | None] = [None] * self.env.world_size
-        dist.all_gather_object(reasons, reason)
-        return next((f"rank {r}: {x}" for r, x in enumerate(reasons) if x is not None), None)
-
-    # -- samples ----------------------------------------------------------------------------
+    # -- samples and evaluations ----------------------------------------------------------------
     def sample_grid(self) -> np.ndarray | None:
         """Collective. ``sample.num`` EMA samples from fixed noise and labels (a row per class),
         drawn by every rank in micro-batches of ``sample.batch_size``; a uint8 grid on rank 0
         (None elsewhere)."""
         sc = self.cfg.sample
-        if self._decode is None:
-            self._decode = display_decoder(self.loader.vae, self.loader.scaling_factor, self.env.device)
-        mine = []
+        if self.grid_sampler is None:
+            self.grid_sampler = Sampler(
+                self.sample_diffusion, SampleSettings.of(sc),
+                display_decoder(self.loader.vae, self.loader.scaling_factor, self.env.device), self.env.device,
+                bf16=self.cfg.train.precision == "bf16")
         with self._ema_for_sampling() as (model, collective):
-            for indices, images, labels in generate_share(
-                model, self.sample_diffusion, sc.num, self.sample_batch, rank=self.env.rank,
-                world_size=self.env.world_size, collective=collective, channels=self.loader.channels,
-                size=self.loader.image_size, num_classes=self.num_classes, settings=sample_settings(self.cfg),
-                decode=self._decode, device=self.env.device, bf16=self.cfg.train.precision == "bf16",
-            ):
-                mine.append((indices, images, labels))
-        parts = [mine]
-        if self.env.distributed:
-            parts = [None] * self.env.world_size
-            dist.all_gather_object(parts, mine)
-        if not self.env.is_main:
+            mine = list(self.grid_sampler.share(model, sc.num, self.sample_batch, rank=self.env.rank,
+                                                world_size=self.env.world_size, collective=collective))
+        parts = self.env.gather_to_main(mine)
+        if parts is None:
             return None
         batches = sorted((b for part in parts for b in part), key=lambda b: b[0][0])
         images = np.concatenate([b[1] for b in batches])
@@ -345,7 +288,109 @@ class Trainer:
         log.info("eval at step %d (%d samples vs %s, %.0f s): %s", self.step, self.cfg.eval.num_samples,
                  self.cfg.eval.reference, time.perf_counter() - start, format_metrics(metrics))
 
+    def _guarded(self, what: str, tag: str, logger: RunLogger, work: Callable[[], None]) -> None:
+        """Run periodic work whose failure must never cost training (a sample grid, an
+        evaluation): a failure is logged in one line and counted in TensorBoard as
+        ``{tag}/failures``, and training goes on."""
+        try:
+            work()
+        except Exception as e:  # a NaN reference's eigh, a decoder out of memory, a full cache disk...
+            self.failures[tag] = self.failures.get(tag, 0) + 1
+            first_line = (str(e).strip().splitlines() or [""])[0]
+            log.error("%s at step %d failed (%s: %s); training goes on (%d such failure(s) so far)",
+                      what, self.step, type(e).__name__, first_line, self.failures[tag])
+            logger.scalars(self.step, {f"{tag}/failures": self.failures[tag]})
+
+    def _draw_grid(self, logger: RunLogger) -> None:
+        self.done.grid_step = self.step  # drawn or failed: not again at this step
+        self.done.grid = self.sample_grid()
+        if self.done.grid is not None:
+            logger.image("samples/ema", self.step, self.done.grid)
+            logger.flush()
+
     # -- the loop ---------------------------------------------------------------------------
+    def fit(self, resume: str = "auto", stop_at_step: int | None = None) -> FitResult:
+        """Train from the checkpoint ``resume`` picks up to ``train.steps``; with ``stop_at_step``,
+        stop there (saving a checkpoint) as a preempted run would. Holds ``run_dir`` for the run:
+        a second job on it is refused (dis_dist/train/run_lock.py)."""
+        end_step = min(self.cfg.train.steps, stop_at_step or self.cfg.train.steps)
+        start = time.perf_counter()
+        with hold_run_dir(self.env, self.run_dir, self.cfg.checkpoint.lock_lease_s) as lease:
+            logger = self._begin(resume)
+            window = LogWindow(torch.zeros(3, device=self.env.device))
+            with StopRequest(self.env, self.run_dir) as stop:
+                stop.clear()  # a request left by an earlier job was handled by its save
+                while self.step < end_step:
+                    result = self.train_step(window)
+                    if lease is not None:
+                        lease.check()
+                    if self.step % self.cfg.log.every == 0 or self.step == end_step:
+                        self._log(logger, window, result)
+                        window = LogWindow(window.losses.zero_())
+                    t_other = time.perf_counter()
+                    self._periodic(logger)
+                    window.other_s += time.perf_counter() - t_other
+                    if stop.poll():
+                        self.stopped = stop.reason or "stop requested on another rank"
+                        break
+                if self.stopped:
+                    stop.clear()
+            return self._finish(logger, start)
+
+    def _begin(self, resume: str) -> RunLogger:
+        """Collective. Resume (``--resume``), record the config, open the logs."""
+        cfg, env = self.cfg, self.env
+        ckpt = self._resume(resume)
+        if ckpt is None and resume == "none" and env.is_main and self.checkpoints.complete():
+            log.warning("--resume none: existing checkpoints in %s will be overwritten", self.checkpoints.root)
+        if env.is_main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            save_config(cfg, self.run_dir / "config.yaml")
+        logger = RunLogger(self.run_dir, env.is_main, cfg.train.steps, first_step=self.step + 1)
+        logger.text("config", "```yaml\n" + yaml.safe_dump(to_dict(cfg), sort_keys=False) + "```", self.step)
+        if env.is_main:
+            log.info(
+                "model %s: %.2fM parameters | %d steps, global batch %d = micro %d x %d rank(s) x %d "
+                "accumulation%s | %s on %s | sampling %d images per forward pass%s",
+                cfg.model.name, self.num_params / 1e6, cfg.train.steps, cfg.train.global_batch,
+                cfg.train.micro_batch, self.dp_size, self.accum,
+                f", each sample's tokens split over {cfg.dist.context_parallel} ranks" if self.cp_group else "",
+                self.strategy.name, env.device,
+                self.sample_batch, "" if cfg.sample.batch_size else " (planned)",
+            )
+        self.strategy.model.train()
+        self.done = Done(checkpoint=self.step if ckpt is not None else -1)
+        return logger
+
+    def train_step(self, window: LogWindow) -> StepResult:
+        """One optimiser step: ``accum`` micro-batches' forward and backward passes, the step, the
+        EMA update; their losses summed into ``window``."""
+        env, model = self.env, self.strategy.model
+        for micro in range(self.accum):
+            t_data = time.perf_counter()
+            x, y = next(self.loader)
+            x, y = x.to(env.device, non_blocking=True), y.to(env.device, non_blocking=True)
+            window.data_s += time.perf_counter() - t_data
+            t, noise = self._randomness(x, micro)
+            kwargs = {"y": y} if self.num_classes else {}
+            with self.strategy.micro_batch(last=micro == self.accum - 1):
+                with self.autocast:
+                    terms = self.diffusion.training_losses(model, x, t, kwargs, noise=noise)
+                loss = terms["loss"].mean()
+                self.strategy.backward(loss)
+            window.losses += torch.stack([
+                loss.detach(), terms["mse"].detach().mean(),
+                terms["vb"].detach().mean() if "vb" in terms else loss.new_zeros(()),
+            ]).float() / self.accum
+        result = self.strategy.step()
+        self.strategy.update_ema(ema_decay_at(self.cfg.train.ema_decay, self.ema_updates, self.cfg.train.ema_warmup))
+        self.ema_updates += 1
+        self.skipped_steps += int(result.skipped)
+        self.step += 1
+        self._check_finite(result)
+        window.steps += 1
+        return result
+
     def _randomness(self, x: torch.Tensor, micro: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Timesteps and noise of one micro-batch, and the seed of the model's own randomness
         (label dropout and drop path, which read the global RNG because activation checkpointing
@@ -359,14 +404,6 @@ class Trainer:
         noise = torch.randn(x.shape, device=x.device, generator=gen)
         torch.manual_seed(mix_seed(self.cfg.train.seed, chunk, MODEL_RANDOMNESS))
         return t, noise
-
-    def _gather_stats(self, values: torch.Tensor) -> torch.Tensor:
-        """(world, k) of every rank's ``values`` (k,), on rank 0 and everywhere."""
-        if not self.env.distributed:
-            return values[None]
-        out = [torch.empty_like(values) for _ in range(self.env.world_size)]
-        dist.all_gather(out, values)
-        return torch.stack(out)
 
     def _check_finite(self, result: StepResult) -> None:
         """Count non-finite steps; too many in a row end training with a clear error."""
@@ -387,165 +424,63 @@ class Trainer:
                 f"or check the data, then resume with --resume auto"
             )
 
-    @contextmanager
-    def _run_dir_lease(self) -> Iterator[RunLock | None]:
-        """Collective. Rank 0 holds ``run_dir``'s lease (dis_dist/train/run_lock.py) while the
-        block runs; when it cannot have it, every rank raises RunDirError before touching anything."""
-        lock, error = None, None
-        if self.env.is_main and self.cfg.checkpoint.lock_lease_s:
-            lock = RunLock(self.run_dir, self.cfg.checkpoint.lock_lease_s)
-            try:
-                lock.acquire()
-            except RunDirError as e:
-                lock, error = None, str(e)
-        if self.env.distributed:
-            box = [error]
-            dist.broadcast_object_list(box, src=0)
-            error = box[0]
-        if error:
-            raise RunDirError(error)
-        try:
-            yield lock
-        finally:
-            if lock is not None:
-                lock.release()
+    def _log(self, logger: RunLogger, window: LogWindow, result: StepResult) -> None:
+        """Collective. The window's mean losses (over every rank), throughput, memory and MFU to
+        TensorBoard and the console. Gathering the losses syncs a GPU, once per window."""
+        env, n = self.env, window.steps
+        mem = torch.tensor([peak_memory_gb(env.device)], device=env.device)
+        stats = self._gather_stats(torch.cat([window.losses / n, mem]))
+        self.last_loss, mse, vb = stats[:, :3].mean(0).tolist()
+        memory = stats[:, 3].tolist()
+        elapsed = time.perf_counter() - window.start - window.other_s
+        self.images_per_sec = images_per_sec = n * self.cfg.train.global_batch / elapsed
+        scalars = {
+            "train/loss": self.last_loss,
+            "train/loss_mse": mse,
+            "train/loss_vb": vb,
+            "train/lr": self.scheduler.get_last_lr()[0],
+            "train/grad_norm": result.grad_norm,
+            "train/skipped_steps": self.skipped_steps,
+            "data/shard_errors": self.loader.shard_errors,
+            "perf/images_per_sec": images_per_sec,
+            "perf/images_per_sec_per_device": images_per_sec / env.world_size,
+            "perf/step_time_s": elapsed / n,
+            "perf/data_wait_s": window.data_s / n,
+            "perf/peak_memory_gb": max(memory),
+            **{f"memory/peak_gb_rank{r}": m for r, m in enumerate(memory)},
+        }
+        device_peak = peak_flops(env.device, self.cfg.train.precision)
+        if device_peak:
+            scalars["perf/mfu"] = images_per_sec * self.flops_per_image / (device_peak * env.world_size)
+        logger.scalars(self.step, scalars)
+        logger.progress(self.step, self.last_loss, images_per_sec)
 
-    def _guarded(self, what: str, tag: str, logger: RunLogger, work: Callable[[], None]) -> None:
-        """Run periodic work whose failure must never cost training (a sample grid, an
-        evaluation): a failure is logged in one line and counted in TensorBoard as
-        ``{tag}/failures``, and training goes on."""
-        try:
-            work()
-        except Exception as e:  # a NaN reference's eigh, a decoder out of memory, a full cache disk...
-            self.failures[tag] = self.failures.get(tag, 0) + 1
-            first_line = (str(e).strip().splitlines() or [""])[0]
-            log.error("%s at step %d failed (%s: %s); training goes on (%d such failure(s) so far)",
-                      what, self.step, type(e).__name__, first_line, self.failures[tag])
-            logger.scalars(self.step, {f"{tag}/failures": self.failures[tag]})
+    def _gather_stats(self, values: torch.Tensor) -> torch.Tensor:
+        """(world, k) of every rank's ``values`` (k,), on rank 0 and everywhere."""
+        if not self.env.distributed:
+            return values[None]
+        out = [torch.empty_like(values) for _ in range(self.env.world_size)]
+        torch.distributed.all_gather(out, values)
+        return torch.stack(out)
 
-    def fit(self, resume: str = "auto", stop_at_step: int | None = None) -> FitResult:
-        """Train from the checkpoint ``resume`` picks up to ``train.steps``; with ``stop_at_step``,
-        stop there (saving a checkpoint) as a preempted run would. Holds ``run_dir`` for the run:
-        a second job on it is refused."""
-        with self._run_dir_lease() as lease:
-            return self._fit(resume, stop_at_step, lease)
+    def _periodic(self, logger: RunLogger) -> None:
+        """Collective. What is due at this step: the checkpoint first (work is never lost to a
+        failing grid or evaluation), then the sample grid and the evaluation, guarded."""
+        cfg = self.cfg
+        if cfg.checkpoint.every and self.step % cfg.checkpoint.every == 0:
+            self.save_checkpoint()
+            self.done.checkpoint = self.step
+        if cfg.sample.every and self.step % cfg.sample.every == 0:
+            self._guarded("sample grid", "samples", logger, lambda: self._draw_grid(logger))
+        if cfg.eval.every and self.step % cfg.eval.every == 0:
+            self.done.evaluation = self.step
+            self._guarded("evaluation", "eval", logger, lambda: self.evaluate(logger))
 
-    def _fit(self, resume: str, stop_at_step: int | None, lease: RunLock | None) -> FitResult:
+    def _finish(self, logger: RunLogger, start: float) -> FitResult:
+        """Collective. The last checkpoint, and at the end of training the last grid (saved as
+        samples.png) and evaluation."""
         cfg, env = self.cfg, self.env
-        end_step = min(cfg.train.steps, stop_at_step or cfg.train.steps)
-        start = time.perf_counter()
-        ckpt = self._resume(resume)
-        if ckpt is None and resume == "none" and env.is_main and self.checkpoints.complete():
-            log.warning("--resume none: existing checkpoints in %s will be overwritten", self.checkpoints.root)
-        if env.is_main:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
-            save_config(cfg, self.run_dir / "config.yaml")
-        logger = RunLogger(self.run_dir, env.is_main, cfg.train.steps, first_step=self.step + 1)
-        logger.text("config", "```yaml\n" + yaml.safe_dump(to_dict(cfg), sort_keys=False) + "```", self.step)
-        if env.is_main:
-            log.info(
-                "model %s: %.2fM parameters | %d steps, global batch %d = micro %d x %d rank(s) x %d "
-                "accumulation%s | %s on %s | sampling %d images per forward pass%s",
-                cfg.model.name, self.num_params / 1e6, cfg.train.steps, cfg.train.global_batch,
-                cfg.train.micro_batch, self.dp_size, self.accum,
-                f", each sample's tokens split over {cfg.dist.context_parallel} ranks" if self.cp_group else "",
-                self.strategy.name, env.device,
-                self.sample_batch, "" if cfg.sample.batch_size else " (planned)",
-            )
-        model = self.strategy.model
-        model.train()
-        autocast = torch.autocast(env.device.type, torch.bfloat16, enabled=cfg.train.precision == "bf16")
-        device_peak = peak_flops(env.device, cfg.train.precision)
-        # Loss sums stay on the device between logs: no host sync per step. Throughput is
-        # measured over the whole window between logs (whose gather syncs a GPU), minus the
-        # time spent on sample grids and checkpoints.
-        loss_sums = torch.zeros(3, device=env.device)
-        window = {"n": 0, "data": 0.0, "other": 0.0, "start": time.perf_counter()}
-        saved_at = self.step if ckpt is not None else -1
-        sampled_at, grid, evaluated_at = -1, None, -1
-
-        def log_grid(image: np.ndarray | None) -> None:
-            nonlocal grid
-            grid = image
-            if grid is not None:
-                logger.image("samples/ema", self.step, grid)
-                logger.flush()
-
-        with StopRequest(env, self.run_dir) as stop:
-            stop.clear()  # a request left by an earlier job was handled by its save
-            while self.step < end_step:
-                for micro in range(self.accum):
-                    t_data = time.perf_counter()
-                    x, y = next(self.loader)
-                    x, y = x.to(env.device, non_blocking=True), y.to(env.device, non_blocking=True)
-                    window["data"] += time.perf_counter() - t_data
-                    t, noise = self._randomness(x, micro)
-                    kwargs = {"y": y} if self.num_classes else {}
-                    with self.strategy.micro_batch(last=micro == self.accum - 1):
-                        with autocast:
-                            terms = self.diffusion.training_losses(model, x, t, kwargs, noise=noise)
-                        loss = terms["loss"].mean()
-                        self.strategy.backward(loss)
-                    loss_sums += torch.stack([
-                        loss.detach(), terms["mse"].detach().mean(),
-                        terms["vb"].detach().mean() if "vb" in terms else loss.new_zeros(()),
-                    ]).float() / self.accum
-                result = self.strategy.step()
-                self.strategy.update_ema(ema_decay_at(cfg.train.ema_decay, self.ema_updates, cfg.train.ema_warmup))
-                self.ema_updates += 1
-                self.skipped_steps += int(result.skipped)
-                self.step += 1
-                self._check_finite(result)
-                if lease is not None:
-                    lease.check()
-
-                window["n"] += 1
-                if self.step % cfg.log.every == 0 or self.step == end_step:
-                    n = window["n"]
-                    mem = torch.tensor([peak_memory_gb(env.device)], device=env.device)
-                    stats = self._gather_stats(torch.cat([loss_sums / n, mem]))
-                    self.last_loss, mse, vb = stats[:, :3].mean(0).tolist()
-                    memory = stats[:, 3].tolist()
-                    loss_sums.zero_()
-                    elapsed = time.perf_counter() - window["start"] - window["other"]
-                    self.images_per_sec = images_per_sec = n * cfg.train.global_batch / elapsed
-                    scalars = {
-                        "train/loss": self.last_loss,
-                        "train/loss_mse": mse,
-                        "train/loss_vb": vb,
-                        "train/lr": self.scheduler.get_last_lr()[0],
-                        "train/grad_norm": result.grad_norm,
-                        "train/skipped_steps": self.skipped_steps,
-                        "data/shard_errors": self.loader.shard_errors,
-                        "perf/images_per_sec": images_per_sec,
-                        "perf/images_per_sec_per_device": images_per_sec / env.world_size,
-                        "perf/step_time_s": elapsed / n,
-                        "perf/data_wait_s": window["data"] / n,
-                        "perf/peak_memory_gb": max(memory),
-                        **{f"memory/peak_gb_rank{r}": m for r, m in enumerate(memory)},
-                    }
-                    if device_peak:
-                        scalars["perf/mfu"] = images_per_sec * self.flops_per_image / (device_peak * env.world_size)
-                    logger.scalars(self.step, scalars)
-                    logger.progress(self.step, self.last_loss, images_per_sec)
-                    window = {"n": 0, "data": 0.0, "other": 0.0, "start": time.perf_counter()}
-                t_other = time.perf_counter()
-                if cfg.checkpoint.every and self.step % cfg.checkpoint.every == 0:  # first: work is never lost
-                    self.save_checkpoint()
-                    saved_at = self.step
-                if cfg.sample.every and self.step % cfg.sample.every == 0:
-                    sampled_at = self.step
-                    self._guarded("sample grid", "samples", logger, lambda: log_grid(self.sample_grid()))
-                if cfg.eval.every and self.step % cfg.eval.every == 0:
-                    evaluated_at = self.step
-                    self._guarded("evaluation", "eval", logger, lambda: self.evaluate(logger))
-                window["other"] += time.perf_counter() - t_other
-                if stop.poll():
-                    self.stopped = stop.reason or "stop requested on another rank"
-                    break
-            if self.stopped:
-                stop.clear()
-        if saved_at != self.step:
+        if self.done.checkpoint != self.step:
             self.save_checkpoint()
         self.checkpoints.finish()
         if self.stopped and env.is_main:
@@ -553,12 +488,12 @@ class Trainer:
                         self.step, self.stopped)
         samples_png = None
         if self.step == cfg.train.steps:
-            if sampled_at != self.step and cfg.sample.num > 0:
-                self._guarded("sample grid", "samples", logger, lambda: log_grid(self.sample_grid()))
-            if grid is not None:
+            if self.done.grid_step != self.step and cfg.sample.num > 0:
+                self._guarded("sample grid", "samples", logger, lambda: self._draw_grid(logger))
+            if self.done.grid is not None:
                 samples_png = self.run_dir / "samples.png"
-                save_png(grid, samples_png, scale=2)
-            if self.evaluator is not None and evaluated_at != self.step:
+                save_png(self.done.grid, samples_png, scale=2)
+            if self.evaluator is not None and self.done.evaluation != self.step:
                 self._guarded("evaluation", "eval", logger, lambda: self.evaluate(logger))
         logger.close()
         wall = time.perf_counter() - start

@@ -1,15 +1,17 @@
-"""What a model description (a checkpoint's ``model.json``, an export's ``config.json``) and the
-weights beside it must be before anything is built from them, so that a damaged or hostile
-file is one CheckpointError naming the file and the key, never a traceback, a 34 GB
-allocation or a model that samples NaN. Sizes are checked against the model registry before
-any model exists; the weights' names, shapes and dtypes against the model built on the meta
-device (no memory), their values for being finite once loaded."""
+"""A model's description: :class:`ModelSpec`, what ``build_model`` needs to build a DiS, and what a
+description file (a checkpoint's ``model.json``, an export's ``config.json``) and the weights
+beside it must be before anything is built from them. A damaged or hostile file is one
+CheckpointError naming the file and the key, never a traceback, a 34 GB allocation or a model
+that samples NaN: sizes are checked against the model registry before any model exists, the
+weights' names, shapes and dtypes against the model built on the meta device (no memory), and
+their values for being finite once loaded."""
 
 from __future__ import annotations
 
 import json
 import math
 from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import NoReturn
 
@@ -18,15 +20,53 @@ from torch import Tensor, nn
 
 from dis_dist.diffusion.schedule import SCHEDULES
 from dis_dist.errors import CheckpointError
-from dis_dist.models import MODEL_NAMES, DiS, build_model, parse_model_name
+from dis_dist.models.dis import MODEL_NAMES, DiS, build_model, parse_model_name
+from dis_dist.models.flops import FlopCount, count_parameters, model_flops
 
-BUILD_KEYS = ("name", "input_size", "in_channels", "num_classes", "learn_sigma")
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """What ``build_model`` needs to build a DiS: the keys every model description holds."""
+
+    name: str  # a registry name, DiS-{T,S,B,M,L,H}/{2,4,8}
+    input_size: int  # latent (or pixel) height and width
+    in_channels: int
+    num_classes: int  # 0: unconditional
+    learn_sigma: bool = True
+
+    @classmethod
+    def of(cls, info: Mapping) -> ModelSpec:
+        """The build keys of a (checked) description."""
+        return cls(**{k: info[k] for k in BUILD_KEYS})
+
+    def build(self, **model_kwargs: object) -> DiS:
+        """The model (``model_kwargs``: drop_path_rate, scan_backend, ...); on the meta device
+        inside ``with torch.device("meta")``."""
+        return build_model(**asdict(self), **model_kwargs)
+
+    def build_meta(self, **model_kwargs: object) -> DiS:
+        """The model on the meta device: its tensors' names and shapes without their memory."""
+        with torch.device("meta"):
+            return self.build(**model_kwargs)
+
+    def flops(self) -> FlopCount:
+        """Forward FLOPs of one sample (dis_dist.models.flops)."""
+        return model_flops(**asdict(self))
+
+    def num_parameters(self) -> int:
+        return count_parameters(**asdict(self))
+
+
+BUILD_KEYS = tuple(ModelSpec.__dataclass_fields__)
 # Sane bounds: far above any real model (DiS-H/2 at 512 px has 64 x 64 x 4 latents, ImageNet-21k
 # 21,841 classes), far below what would exhaust a machine's memory when built.
 MAX_INPUT_SIZE = 4096
 MAX_CHANNELS = 1024
 MAX_CLASSES = 1_000_000
 MAX_DIFFUSION_STEPS = 100_000
+# The diffusion a description means when it names none (a hand-written config.json of DiS's
+# published weights): the paper's 1000-step linear schedule.
+DIFFUSION = {"num_steps": 1000, "schedule": "linear"}
 FLOAT_DTYPES = ("float32", "float64", "float16", "bfloat16")  # converted to the model's float32
 _SAFETENSORS_DTYPES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16", "I64": "int64",
                        "I32": "int32", "I16": "int16", "I8": "int8", "U8": "uint8", "BOOL": "bool"}
@@ -43,8 +83,8 @@ def _is_number(value: object) -> bool:
 def check_model_spec(info: object, file: str | Path) -> dict:
     """A parsed ``model.json``/``config.json``, checked: build_model's arguments (exact types, a
     registry name, sizes in range) and the optional keys sampling reads (``diffusion``, ``vae``,
-    ``scaling_factor``, ``class_names``). Returns it; CheckpointError naming ``file`` and the
-    first bad key otherwise."""
+    ``scaling_factor``, ``class_names``). Returns it, ``diffusion`` completed with
+    :data:`DIFFUSION`'s keys; CheckpointError naming ``file`` and the first bad key otherwise."""
 
     def fail(what: str) -> NoReturn:
         raise CheckpointError(f"{file}: {what} (a damaged or foreign file: correct it, or use another "
@@ -67,15 +107,15 @@ def check_model_spec(info: object, file: str | Path) -> dict:
             fail(f"{key} {info[key]!r} is not an integer in [{low}, {high}]")
     if type(info["learn_sigma"]) is not bool:
         fail(f"learn_sigma {info['learn_sigma']!r} is not true or false")
-    diffusion = info.get("diffusion")
-    if diffusion is not None:
-        if not isinstance(diffusion, dict):
-            fail(f"diffusion {diffusion!r} is not an object (num_steps, schedule)")
-        steps = diffusion.get("num_steps", 1000)
-        if not (_is_int(steps) and 1 <= steps <= MAX_DIFFUSION_STEPS):
-            fail(f"diffusion.num_steps {steps!r} is not an integer in [1, {MAX_DIFFUSION_STEPS}]")
-        if diffusion.get("schedule", "linear") not in SCHEDULES:
-            fail(f"diffusion.schedule {diffusion['schedule']!r} is not one of {', '.join(SCHEDULES)}")
+    diffusion = info.get("diffusion", {})
+    if not isinstance(diffusion, dict):
+        fail(f"diffusion {diffusion!r} is not an object (num_steps, schedule)")
+    diffusion = info["diffusion"] = {**DIFFUSION, **diffusion}
+    steps = diffusion["num_steps"]
+    if not (_is_int(steps) and 1 <= steps <= MAX_DIFFUSION_STEPS):
+        fail(f"diffusion.num_steps {steps!r} is not an integer in [1, {MAX_DIFFUSION_STEPS}]")
+    if diffusion["schedule"] not in SCHEDULES:
+        fail(f"diffusion.schedule {diffusion['schedule']!r} is not one of {', '.join(SCHEDULES)}")
     if not isinstance(info.get("vae", ""), str):
         fail(f"vae {info['vae']!r} is not a string (a VAE's hub id or directory, or pixels)")
     if not (_is_number(info.get("scaling_factor", 1.0)) and info.get("scaling_factor", 1.0) > 0):
@@ -93,13 +133,6 @@ def read_model_spec(file: Path) -> dict:
     except (OSError, ValueError, RecursionError) as e:
         raise CheckpointError(f"{file} is unreadable: {type(e).__name__}: {str(e)[:200]}") from None
     return check_model_spec(info, file)
-
-
-def build_meta_model(info: dict, **model_kwargs: object) -> DiS:
-    """The model ``info`` (checked) describes, on the meta device: its tensors' names and shapes
-    without their memory."""
-    with torch.device("meta"):
-        return build_model(**{k: info[k] for k in BUILD_KEYS}, **model_kwargs)
 
 
 def _some(names: Sequence[str]) -> str:
