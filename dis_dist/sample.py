@@ -77,7 +77,7 @@ def _settings(args: argparse.Namespace) -> SampleSettings:
 
 
 def _agreed_settings(out: Path, record: dict) -> dict:
-    """The settings ``out`` was started with; a rerun must agree (the batch size aside: the
+    """Return the settings ``out`` was started with; a rerun must agree (the batch size aside: the
     parts' layout stays the first run's), or its parts would mix two runs."""
     try:
         saved = json.loads((out / SETTINGS_FILE).read_text())
@@ -101,7 +101,7 @@ PART_ERRORS = (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile)  # w
 
 
 def part_problem(path: Path, count: int, conditional: bool) -> str | None:
-    """Why the part file at ``path`` does not hold ``count`` whole samples (read and
+    """Say why the part file at ``path`` does not hold ``count`` whole samples (read and
     CRC-checked), or None when it does."""
     try:
         with np.load(path) as part:
@@ -181,7 +181,7 @@ def run(args: argparse.Namespace) -> Path | None:
     conditional = bool(info["num_classes"])
 
     def whole(indices: list[int]) -> bool:
-        """A part drawn before, checked: a damaged one (a crash mid-write on a filesystem
+        """Tell whether a part was drawn before, checked: a damaged one (a crash mid-write on a filesystem
         without atomic renames, a truncated copy) is drawn again."""
         path = part_path(out, indices)
         if not path.is_file():

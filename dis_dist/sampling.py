@@ -30,7 +30,7 @@ LABEL_STREAM = 1  # labels come from a generator of their own: (seed, i, LABEL_S
 
 @dataclass
 class SampleSettings:
-    """How to draw samples (the sampler's respacing, guidance, seed and labels)."""
+    """Says how to draw samples: the sampler's respacing, guidance, seed and labels."""
 
     sampler: str = "ddpm"  # ddpm (ancestral) or ddim
     steps: str = "250"  # respacing: "250", "ddim50", ...
@@ -44,7 +44,7 @@ class SampleSettings:
 
     @classmethod
     def of(cls, sc: SampleConfig) -> SampleSettings:
-        """The run config's ``sample.*`` settings, with class-balanced labels (sample i is of
+        """Take the run config's ``sample.*`` settings, with class-balanced labels (sample i is of
         class i mod classes): what grids and evaluations during training draw."""
         return cls(sampler=sc.sampler, steps=sc.steps, eta=sc.ddim_eta, cfg_scale=sc.cfg_scale,
                    cfg_channels=sc.cfg_channels, cfg_interval=tuple(sc.cfg_interval),
@@ -54,7 +54,7 @@ class SampleSettings:
 
 
 def sample_labels(spec: str, indices: list[int], num_classes: int, seed: int) -> Tensor:
-    """The class of each sample: ``uniform`` draws it from the sample's own generator,
+    """Choose the class of each sample: ``uniform`` draws it from the sample's own generator,
     ``balanced`` is i mod classes, a comma list repeats its classes in turn."""
     if spec == "uniform":
         gens = (torch.Generator().manual_seed(mix_seed(seed, i, LABEL_STREAM)) for i in indices)
@@ -71,7 +71,7 @@ def sample_labels(spec: str, indices: list[int], num_classes: int, seed: int) ->
 
 
 def batches_of_rank(num: int, batch_size: int, rank: int, world_size: int) -> list[list[int]]:
-    """Sample indices of the batches rank ``rank`` draws: batch b is [b*B, (b+1)*B) and goes
+    """List the sample indices of the batches rank ``rank`` draws: batch b is [b*B, (b+1)*B) and goes
     to rank b mod W, so the batches themselves do not depend on the world size."""
     total = -(-num // batch_size)
     return [list(range(b * batch_size, min(num, (b + 1) * batch_size))) for b in range(rank, total, world_size)]
@@ -79,7 +79,7 @@ def batches_of_rank(num: int, batch_size: int, rank: int, world_size: int) -> li
 
 @dataclass
 class Sampler:
-    """How samples are drawn and turned into images: the (respaced) diffusion, the settings, the
+    """Draws samples and turns them into images, with the (respaced) diffusion, the settings, the
     decoder of latents to images in [-1, 1], the device, and bf16 autocast. The model is given
     at each call; its shape and classes are its own (``in_channels``, ``input_size``,
     ``num_classes``)."""
@@ -91,8 +91,8 @@ class Sampler:
     bf16: bool = False
 
     def generate(self, model: DiS, indices: list[int]) -> tuple[np.ndarray, np.ndarray | None]:
-        """Samples ``indices``: uint8 (n, H, W, 3) images (one channel repeated to three) and their
-        labels (None for an unconditional model)."""
+        """Draw samples ``indices``; return uint8 (n, H, W, 3) images (one channel repeated to three)
+        and their labels (None for an unconditional model)."""
         settings, device, num_classes = self.settings, self.device, model.num_classes
         gens = [torch.Generator(device).manual_seed(mix_seed(settings.seed, i)) for i in indices]
         noise = torch.stack([torch.randn(model.in_channels, model.input_size, model.input_size, generator=g,
@@ -115,7 +115,7 @@ class Sampler:
         self, model: DiS, num: int, batch_size: int, *, rank: int, world_size: int, collective: bool = False,
         done: Callable[[list[int]], bool] | None = None,
     ) -> Iterator[tuple[list[int], np.ndarray, np.ndarray | None]]:
-        """This rank's share of samples 0..num-1 (:func:`batches_of_rank`), a batch at a time:
+        """Yield this rank's share of samples 0..num-1 (:func:`batches_of_rank`), a batch at a time:
         (indices, images, labels). ``done``: batches already drawn (a resumed run's), skipped.
         With a ``collective`` model (a sharded one, whose forward pass gathers weights from every
         rank) a rank with fewer batches draws throwaway ones so that every rank calls the model

@@ -49,7 +49,7 @@ class DistEnv:
             dist.barrier()
 
     def gather_to_main(self, obj: T) -> list[T] | None:
-        """Collective. Every rank's picklable ``obj``, in rank order, on rank 0; None elsewhere."""
+        """Collective. Gather every rank's picklable ``obj``, in rank order, to rank 0; return None elsewhere."""
         if not self.distributed:
             return [obj]
         everyone: list = [None] * self.world_size

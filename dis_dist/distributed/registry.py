@@ -22,7 +22,7 @@ STRATEGIES = {
 
 
 def strategy_class(name: str) -> type[Strategy]:
-    """The strategy called ``name`` (``dist.strategy``, or the ``strategy`` a checkpoint's
+    """Return the strategy called ``name`` (``dist.strategy``, or the ``strategy`` a checkpoint's
     model.json records): it owns that checkpoint layout too."""
     if name not in STRATEGIES:
         raise ConfigError(f"unknown strategy {name!r}; choose one of: {', '.join(STRATEGIES)}")
@@ -34,5 +34,5 @@ def build_strategy(
     env: DistEnv, cfg: RunConfig, model: nn.Module, accum: int,
     make_optimizer: OptimizerFactory, make_scheduler: SchedulerFactory,
 ) -> Strategy:
-    """The strategy ``dist.strategy`` names, wrapping ``model`` and its optimiser."""
+    """Build the strategy ``dist.strategy`` names around ``model`` and its optimiser."""
     return strategy_class(cfg.dist.strategy)(env, cfg, model, accum, make_optimizer, make_scheduler)

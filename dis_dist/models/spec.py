@@ -26,7 +26,7 @@ from dis_dist.models.flops import FlopCount, count_parameters, model_flops
 
 @dataclass(frozen=True)
 class ModelSpec:
-    """What ``build_model`` needs to build a DiS: the keys every model description holds."""
+    """Holds what ``build_model`` needs to build a DiS: the keys every model description holds."""
 
     name: str  # a registry name, DiS-{T,S,B,M,L,H}/{2,4,8}
     input_size: int  # latent (or pixel) height and width
@@ -36,21 +36,21 @@ class ModelSpec:
 
     @classmethod
     def of(cls, info: Mapping) -> ModelSpec:
-        """The build keys of a (checked) description."""
+        """Take the build keys of a (checked) description."""
         return cls(**{k: info[k] for k in BUILD_KEYS})
 
     def build(self, **model_kwargs: object) -> DiS:
-        """The model (``model_kwargs``: drop_path_rate, scan_backend, ...); on the meta device
+        """Build the model (``model_kwargs``: drop_path_rate, scan_backend, ...); on the meta device
         inside ``with torch.device("meta")``."""
         return build_model(**asdict(self), **model_kwargs)
 
     def build_meta(self, **model_kwargs: object) -> DiS:
-        """The model on the meta device: its tensors' names and shapes without their memory."""
+        """Build the model on the meta device: its tensors' names and shapes without their memory."""
         with torch.device("meta"):
             return self.build(**model_kwargs)
 
     def flops(self) -> FlopCount:
-        """Forward FLOPs of one sample (dis_dist.models.flops)."""
+        """Count the forward FLOPs of one sample (dis_dist.models.flops)."""
         return model_flops(**asdict(self))
 
     def num_parameters(self) -> int:
@@ -81,7 +81,7 @@ def _is_number(value: object) -> bool:
 
 
 def check_model_spec(info: object, file: str | Path) -> dict:
-    """A parsed ``model.json``/``config.json``, checked: build_model's arguments (exact types, a
+    """Check a parsed ``model.json``/``config.json``: build_model's arguments (exact types, a
     registry name, sizes in range) and the optional keys sampling reads (``diffusion``, ``vae``,
     ``scaling_factor``, ``class_names``). Returns it, ``diffusion`` completed with
     :data:`DIFFUSION`'s keys; CheckpointError naming ``file`` and the first bad key otherwise."""
@@ -127,7 +127,7 @@ def check_model_spec(info: object, file: str | Path) -> dict:
 
 
 def read_model_spec(file: Path) -> dict:
-    """A model description file, read and checked (:func:`check_model_spec`)."""
+    """Read a model description file and check it (:func:`check_model_spec`)."""
     try:
         info = json.loads(file.read_text())
     except (OSError, ValueError, RecursionError) as e:
@@ -140,7 +140,7 @@ def _some(names: Sequence[str]) -> str:
 
 
 def check_weights(model: nn.Module, tensors: Mapping[str, tuple[Sequence[int], str]], file: str | Path) -> None:
-    """``tensors`` (name -> (shape, dtype name), read from a file's header) against ``model``'s
+    """Check ``tensors`` (name -> (shape, dtype name), read from a file's header) against ``model``'s
     state dict: the same names, the same shapes, floating-point dtypes. CheckpointError naming
     ``file`` and the first tensors that differ."""
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
@@ -164,12 +164,12 @@ def check_weights(model: nn.Module, tensors: Mapping[str, tuple[Sequence[int], s
 
 
 def layout(state: Mapping[str, Tensor]) -> dict[str, tuple[Sequence[int], str]]:
-    """name -> (shape, dtype name) of loaded tensors, as :func:`check_weights` takes them."""
+    """Map loaded tensors' names to (shape, dtype name), as :func:`check_weights` takes them."""
     return {k: (tuple(v.shape), str(v.dtype).removeprefix("torch.")) for k, v in state.items()}
 
 
 def check_finite(state: Mapping[str, Tensor], file: str | Path) -> None:
-    """CheckpointError naming ``file`` and the tensors holding NaN or infinite values."""
+    """Raise CheckpointError naming ``file`` and the tensors holding NaN or infinite values."""
     bad = [k for k, v in state.items() if not bool(torch.isfinite(v).all())]
     if bad:
         raise CheckpointError(f"{file}: {len(bad)} of {len(state)} tensors hold values that are not finite "
@@ -177,7 +177,7 @@ def check_finite(state: Mapping[str, Tensor], file: str | Path) -> None:
 
 
 def load_safetensors(file: Path, model: nn.Module) -> dict[str, Tensor]:
-    """A ``.safetensors`` file's tensors, its header checked against ``model`` (on the meta
+    """Load a ``.safetensors`` file's tensors, its header checked against ``model`` (on the meta
     device) before any tensor is read, the values checked for being finite after."""
     from safetensors import SafetensorError, safe_open
     from safetensors.torch import load_file

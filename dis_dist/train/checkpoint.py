@@ -37,7 +37,7 @@ def is_complete(path: Path) -> bool:
 
 
 def file_sizes(directory: Path) -> dict[str, int]:
-    """Relative path -> size of every file under ``directory``."""
+    """Map the relative path of every file under ``directory`` to its size."""
     return {str(p.relative_to(directory)): p.stat().st_size for p in sorted(directory.rglob("*")) if p.is_file()}
 
 
@@ -70,7 +70,7 @@ def verify_checkpoint(path: Path) -> None:
 
 
 class CheckpointManager:
-    """Saves into ``root/step_XXXXXXXX``; keeps the newest ``keep_last`` complete ones and those
+    """Saves checkpoints into ``root/step_XXXXXXXX``; keeps the newest ``keep_last`` complete ones and those
     whose step is a multiple of ``keep_every`` (when positive)."""
 
     def __init__(self, root: str | Path, keep_last: int, keep_every: int = 0) -> None:
@@ -82,7 +82,7 @@ class CheckpointManager:
         return self.root / f"step_{step:08d}"
 
     def complete(self) -> list[tuple[int, Path]]:
-        """(step, path) of every complete checkpoint, oldest first."""
+        """List (step, path) of every complete checkpoint, oldest first."""
         if not self.root.is_dir():
             return []
         found = []
@@ -145,7 +145,7 @@ class CheckpointManager:
 
     @contextmanager
     def _full_disk_is_one_error(self, final: Path, tmp: Path) -> Iterator[None]:
-        """A write that fails on a full disk (``torch.save`` says only "unexpected pos"; DCP wraps
+        """Turn a write that fails on a full disk (``torch.save`` says only "unexpected pos"; DCP wraps
         the OSError) becomes one CheckpointError naming the disk and the checkpoint kept; the
         partial files go."""
         try:
@@ -186,7 +186,7 @@ def _disk_full(root: Path, error: BaseException) -> bool:
 
 
 def resolve_resume(resume: str, manager: CheckpointManager) -> Path | None:
-    """``--resume``: "auto" (newest complete checkpoint, or none), "none", or a checkpoint path."""
+    """Resolve ``--resume``: "auto" (the newest complete checkpoint, or none), "none", or a checkpoint path."""
     if resume == "none":
         return None
     if resume == "auto":
@@ -246,8 +246,8 @@ def resume_agreed(resume: str, manager: CheckpointManager, env: DistEnv, load: C
 
 
 def _attempt(fn: Callable[[Path], None], path: Path) -> str | None:
-    """None when ``fn(path)`` succeeds; the reason when it raises CheckpointError (a checkpoint
-    that belongs to another run raises on: it is no reason to fall back)."""
+    """Run ``fn(path)``: return None when it succeeds, the reason when it raises CheckpointError (a
+    checkpoint that belongs to another run raises on: it is no reason to fall back)."""
     try:
         fn(path)
     except CheckpointMismatch:
@@ -258,7 +258,7 @@ def _attempt(fn: Callable[[Path], None], path: Path) -> str | None:
 
 
 def _agree(env: DistEnv, reason: str | None) -> str | None:
-    """Collective. The first reason any rank has (None when none has one)."""
+    """Collective. Return the first reason any rank has (None when none has one)."""
     if not env.distributed:
         return reason
     reasons: list[str | None] = [None] * env.world_size

@@ -50,8 +50,8 @@ class Evaluator:
     def __call__(
         self, model: nn.Module, diffusion: GaussianDiffusion, collective: bool = False
     ) -> dict[str, float] | None:
-        """Collective. The metrics on rank 0, None elsewhere. ``collective``: every rank must
-        call ``model`` equally often (a sharded model)."""
+        """Collective. Draw the samples and score them: return the metrics on rank 0, None
+        elsewhere. ``collective``: every rank must call ``model`` equally often (a sharded model)."""
         ec, env = self.cfg.eval, self.env
         sampler = Sampler(diffusion, self.settings, self.decode, env.device, bf16=self.cfg.train.precision == "bf16")
         features: dict[str, list[np.ndarray]] = {}

@@ -36,7 +36,7 @@ MODEL_INFO = "model.json"
 
 
 def read_checkpoint_info(path: Path) -> dict:
-    """A checkpoint's ``model.json``, checked (dis_dist.models.spec), with a strategy it names."""
+    """Read a checkpoint's ``model.json``, checked (dis_dist.models.spec) and naming a known strategy."""
     info_file = path / MODEL_INFO
     if not info_file.is_file():
         raise CheckpointError(f"{str(path)!r} has no {MODEL_INFO} (what build_model needs)")
@@ -47,9 +47,9 @@ def read_checkpoint_info(path: Path) -> dict:
 
 
 def load_checkpoint_weights(path: Path, info: dict, model: nn.Module, ema: bool = True) -> dict[str, Tensor]:
-    """The whole EMA (or raw) weights of the checkpoint at ``path`` (``info``: its model.json),
-    fp32 on the CPU, read by the strategy that wrote them and checked against ``model`` (built
-    on the meta device): names, shapes, floating-point dtypes and finite values."""
+    """Read the whole EMA (or raw) weights of the checkpoint at ``path`` (``info``: its model.json)
+    into fp32 CPU tensors, through the strategy that wrote them, and check them against ``model``
+    (built on the meta device): names, shapes, floating-point dtypes and finite values."""
     if not path.is_dir() or not is_complete(path):
         raise CheckpointError(f"{str(path)!r} is not a complete checkpoint directory (no COMPLETE marker)")
     verify_checkpoint(path)
@@ -75,12 +75,12 @@ def export_checkpoint(checkpoint: str | Path, out_dir: str | Path, ema: bool = T
 
 
 def load_exported(directory: str | Path, device: str | torch.device = "cpu", **model_kwargs: object) -> DiS:
-    """The model of an exported directory, in eval mode (``model_kwargs`` go to build_model)."""
+    """Load the model of an exported directory, in eval mode (``model_kwargs`` go to build_model)."""
     return load_model(directory, device=device, **model_kwargs)[0]
 
 
 def resolve_checkpoint(path: str | Path) -> Path:
-    """A checkpoint directory as is; a run directory -> its newest complete checkpoint."""
+    """Return a checkpoint directory as it is, and a run directory's newest complete checkpoint."""
     path = Path(path)
     if (path / "checkpoints").is_dir():
         latest = CheckpointManager(path / "checkpoints", keep_last=1).latest()
@@ -93,7 +93,7 @@ def resolve_checkpoint(path: str | Path) -> Path:
 def load_model(
     path: str | Path, *, ema: bool = True, device: str | torch.device = "cpu", **model_kwargs: object
 ) -> tuple[DiS, dict]:
-    """The model of an exported directory, a checkpoint or a run directory (its newest
+    """Load the model of an exported directory, a checkpoint or a run directory (its newest
     checkpoint; EMA weights unless ``ema=False``), in eval mode, and its description: what
     build_model takes, plus ``vae``, ``scaling_factor``, ``class_names``, ``diffusion``
     (num_steps and schedule), and the ``checkpoint`` and ``weights`` (ema or raw) the weights

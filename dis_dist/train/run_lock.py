@@ -53,7 +53,7 @@ class Lease:
 
 
 def _read(path: Path) -> Lease | None:
-    """The lease in ``path``; None when there is none. A file that is not a lease counts as one
+    """Read the lease in ``path``; None when there is none. A file that is not a lease counts as one
     renewed at its modification time (a lease being written, or damaged)."""
     try:
         text = path.read_text()
@@ -67,7 +67,7 @@ def _read(path: Path) -> Lease | None:
 
 
 class RunLock:
-    """The lease on ``run_dir`` (see the module docstring); a context manager."""
+    """Holds the lease on ``run_dir`` (see the module docstring); a context manager."""
 
     def __init__(self, run_dir: Path, lease_s: float) -> None:
         self.run_dir, self.lease_s = Path(run_dir), lease_s

@@ -49,7 +49,7 @@ MODEL_RANDOMNESS = 1
 
 
 def _json_object(file: Path) -> dict:
-    """A checkpoint's JSON file, which must hold an object; CheckpointError naming it otherwise."""
+    """Read a checkpoint's JSON file, which must hold an object; raise CheckpointError naming it otherwise."""
     try:
         data = json.loads(file.read_text())
     except (OSError, ValueError) as e:
@@ -72,9 +72,9 @@ class FitResult:
 
 @dataclass
 class LogWindow:
-    """The steps since the last log: their loss sums, kept on the device (no host sync per step),
-    and how long they took, of which how much went to waiting for data and to periodic work
-    (grids, evaluations, checkpoints), which throughput leaves out."""
+    """Holds what the steps since the last log add up to: their loss sums, kept on the device (no
+    host sync per step), and how long they took, of which how much went to waiting for data and
+    to periodic work (grids, evaluations, checkpoints), which throughput leaves out."""
 
     losses: Tensor  # (3,): sums of the loss, its mse and its vb term, each a mean over micro-batches
     steps: int = 0
@@ -85,7 +85,7 @@ class LogWindow:
 
 @dataclass
 class Done:
-    """The step at which periodic work last ran (-1: not in this run), and the last grid drawn."""
+    """Records the step at which periodic work last ran (-1: not in this run), and the last grid drawn."""
 
     checkpoint: int = -1
     grid_step: int = -1
@@ -130,9 +130,10 @@ class Trainer:
         self.metrics: dict[str, float] = {}  # of the last evaluation
 
     def _build_model_and_strategy(self) -> None:
-        """The model, built on the meta device: the strategy shards it, then gives storage to each
-        rank's share and initialises it from train.seed (dis_dist/distributed/init.py), the same
-        weights at any world size. Then the diffusions (training's, and the sampler's respaced one)."""
+        """Build the model on the meta device (the strategy shards it, then gives storage to each
+        rank's share and initialises it from train.seed, dis_dist/distributed/init.py: the same
+        weights at any world size), the diffusions (training's, and the sampler's respaced one)
+        and the strategy."""
         cfg = self.cfg
         with torch.device("meta"):
             model = self.spec.build(class_dropout_prob=cfg.model.class_dropout_prob,
@@ -160,9 +161,9 @@ class Trainer:
             step, warmup=opt.warmup_steps, total=total, schedule=opt.schedule, min_ratio=opt.min_lr / opt.lr))
 
     def _build_sampling(self) -> None:
-        """The sample batch (the planner's inference estimate against half of this rank's free
-        memory, now that the training state is allocated, unless sample.batch_size says), the
-        grids' sampler (its decoder built on first use) and the evaluator."""
+        """Choose the sample batch (the planner's inference estimate against half of this rank's
+        free memory, now that the training state is allocated, unless sample.batch_size says it)
+        and build the evaluator; the grids' sampler is built on first use."""
         cfg = self.cfg
         self.sample_batch = cfg.sample.batch_size or sample_batch_size(
             cfg.model.name, latent=self.loader.image_size, channels=self.loader.channels,
@@ -176,7 +177,7 @@ class Trainer:
 
     # -- checkpoints ------------------------------------------------------------------------
     def model_info(self) -> dict:
-        """What ``model.json`` records: build_model's arguments, the strategy, and the data and
+        """Return what ``model.json`` records: build_model's arguments, the strategy, and the data and
         diffusion the weights belong to. A checkpoint resumes only a run that agrees on all of it."""
         return {**asdict(self.spec), "strategy": self.strategy.name, "vae": self.loader.vae,
                 "scaling_factor": self.loader.scaling_factor, "class_names": list(self.loader.class_names),
@@ -241,9 +242,9 @@ class Trainer:
 
     # -- samples and evaluations ----------------------------------------------------------------
     def sample_grid(self) -> np.ndarray | None:
-        """Collective. ``sample.num`` EMA samples from fixed noise and labels (a row per class),
-        drawn by every rank in micro-batches of ``sample.batch_size``; a uint8 grid on rank 0
-        (None elsewhere)."""
+        """Collective. Draw ``sample.num`` EMA samples from fixed noise and labels (a row per class),
+        every rank its share in micro-batches of ``sample.batch_size``; return their uint8 grid on
+        rank 0 (None elsewhere)."""
         sc = self.cfg.sample
         if self.grid_sampler is None:
             self.grid_sampler = Sampler(
@@ -266,7 +267,7 @@ class Trainer:
 
     @contextmanager
     def _ema_for_sampling(self) -> Iterator[tuple[torch.nn.Module, bool]]:
-        """The strategy's EMA model for sampling, each rank with whole sequences: the ranks of a
+        """Lend the strategy's EMA model for sampling, each rank with whole sequences: the ranks of a
         context-parallel group draw different samples, as all ranks do."""
         self.module.set_context_parallel(None)
         try:
@@ -363,8 +364,8 @@ class Trainer:
         return logger
 
     def train_step(self, window: LogWindow) -> StepResult:
-        """One optimiser step: ``accum`` micro-batches' forward and backward passes, the step, the
-        EMA update; their losses summed into ``window``."""
+        """Take one optimiser step: ``accum`` micro-batches' forward and backward passes, the step and
+        the EMA update; add their losses to ``window``."""
         env, model = self.env, self.strategy.model
         for micro in range(self.accum):
             t_data = time.perf_counter()
@@ -392,7 +393,7 @@ class Trainer:
         return result
 
     def _randomness(self, x: torch.Tensor, micro: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Timesteps and noise of one micro-batch, and the seed of the model's own randomness
+        """Draw the timesteps and noise of one micro-batch, and seed the model's own randomness
         (label dropout and drop path, which read the global RNG because activation checkpointing
         replays it), all from the micro-batch's place in the global batch: a run draws the same
         whatever its number of ranks (for the same micro-batch), and a resumed run what the
@@ -425,7 +426,7 @@ class Trainer:
             )
 
     def _log(self, logger: RunLogger, window: LogWindow, result: StepResult) -> None:
-        """Collective. The window's mean losses (over every rank), throughput, memory and MFU to
+        """Collective. Log the window's mean losses (over every rank), throughput, memory and MFU to
         TensorBoard and the console. Gathering the losses syncs a GPU, once per window."""
         env, n = self.env, window.steps
         mem = torch.tensor([peak_memory_gb(env.device)], device=env.device)
@@ -456,7 +457,7 @@ class Trainer:
         logger.progress(self.step, self.last_loss, images_per_sec)
 
     def _gather_stats(self, values: torch.Tensor) -> torch.Tensor:
-        """(world, k) of every rank's ``values`` (k,), on rank 0 and everywhere."""
+        """Gather every rank's ``values`` (k,) into a (world, k) tensor, on every rank."""
         if not self.env.distributed:
             return values[None]
         out = [torch.empty_like(values) for _ in range(self.env.world_size)]
@@ -464,7 +465,7 @@ class Trainer:
         return torch.stack(out)
 
     def _periodic(self, logger: RunLogger) -> None:
-        """Collective. What is due at this step: the checkpoint first (work is never lost to a
+        """Collective. Do what is due at this step: the checkpoint first (work is never lost to a
         failing grid or evaluation), then the sample grid and the evaluation, guarded."""
         cfg = self.cfg
         if cfg.checkpoint.every and self.step % cfg.checkpoint.every == 0:
@@ -477,8 +478,8 @@ class Trainer:
             self._guarded("evaluation", "eval", logger, lambda: self.evaluate(logger))
 
     def _finish(self, logger: RunLogger, start: float) -> FitResult:
-        """Collective. The last checkpoint, and at the end of training the last grid (saved as
-        samples.png) and evaluation."""
+        """Collective. Save the last checkpoint, and at the end of training draw the last grid (saved
+        as samples.png) and evaluate."""
         cfg, env = self.cfg, self.env
         if self.done.checkpoint != self.step:
             self.save_checkpoint()
