@@ -77,7 +77,7 @@ def fmnist_cache(tmp_path_factory: pytest.TempPathFactory, fmnist_root: Path) ->
 def write_small_cache(root: Path, *, shards: int = 4, per_shard: int = 6, channels: int = 2, size: int = 8,
                       classes: int = 3) -> Path:
     """A latent cache written directly (no encoder): random float16 latents with flip variants."""
-    from dis_dist.data.shards import write_random_cache
+    from tests.fixtures import write_random_cache
 
     return write_random_cache(root, shards=shards, per_shard=per_shard, channels=channels, size=size,
                               classes=classes)

@@ -20,7 +20,7 @@ import torch
 import yaml
 
 from dis_dist.config import RunConfig, load_config, to_dict
-from dis_dist.data.shards import MANIFEST, load_manifest
+from dis_dist.data.manifest import MANIFEST, load_manifest
 from dis_dist.data.stream import ShardStream, StreamLoader, StreamSpec
 from dis_dist.errors import ConfigError, DataError
 

@@ -23,7 +23,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from dis_dist.data.shards import MANIFEST, load_manifest
+from dis_dist.data.manifest import MANIFEST, load_manifest
 from tests.conftest import require
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -16,8 +16,10 @@ from PIL import Image
 
 from dis_dist.data import fs
 from dis_dist.data.encode import encode, parse_args
-from dis_dist.data.shards import MANIFEST, finished_shards, load_manifest, npy_array, read_shard, shard_name
+from dis_dist.data.manifest import MANIFEST, finished_shards, load_manifest, shard_name
+from dis_dist.data.shards import read_shard
 from dis_dist.data.stream import ShardStream, StreamLoader, StreamSpec
+from dis_dist.data.tar import npy_array
 from dis_dist.errors import DataError
 from tests.conftest import require
 
@@ -180,7 +182,7 @@ def test_loader_workers_exit_when_their_rank_is_killed(tmp_path, killed):
     """A killed rank's DataLoader workers see it gone and exit (they once outlived it, holding
     their memory and the launcher's output pipe, when a fork server was their parent; and when
     the rank died while they were still starting, before PyTorch's watchdog noted its pid)."""
-    from dis_dist.data.shards import write_random_cache
+    from tests.fixtures import write_random_cache
 
     cache = write_random_cache(tmp_path / "cache", shards=4, per_shard=4, channels=4, size=8, classes=3)
     script = tmp_path / "rank.py"
@@ -339,7 +341,7 @@ def test_fmnist_pixels_cache_trains(fmnist_root, tmp_path):
 @pytest.fixture(scope="module")
 def s3_endpoint():
     """A real S3 endpoint: moto_server on a free local port, with the bucket dis-test."""
-    from dis_dist.utils.s3server import local_s3, moto_server_path
+    from tests.s3server import local_s3, moto_server_path
 
     require(moto_server_path() is not None and _has("s3fs"), "moto_server and s3fs (pip install 'moto[server]' s3fs)")
     with local_s3("dis-test") as url:

@@ -30,16 +30,16 @@ from torch.utils.data import DataLoader, Dataset
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from dis_dist.data import fs  # noqa: E402
-from dis_dist.data.shards import (  # noqa: E402
+from dis_dist.data.manifest import (  # noqa: E402
     FORMAT_VERSION,
     CacheInfo,
     Manifest,
-    build_shard,
     load_manifest,
     shard_name,
     write_shard,
 )
 from dis_dist.data.stream import ShardStream, StreamLoader, StreamSpec  # noqa: E402
+from dis_dist.data.tar import build_shard  # noqa: E402
 
 
 def make_cache(url: str, samples: int, shard_size: int, shape: tuple[int, ...]) -> None:
@@ -198,7 +198,7 @@ def main(argv: list[str] | None = None) -> None:
                 print(f"workers {w}: per-file {base:,.0f}/s, shards {ours:,.0f}/s, {WDS_ROWS[decode]} {r:,.0f}/s",
                       flush=True)
         if not args.no_s3:
-            from dis_dist.utils.s3server import local_s3
+            from tests.s3server import local_s3  # a test fixture: tools run from the repository root, on sys.path
 
             with local_s3("bench"):
                 make_cache("s3://bench/shards", args.samples, args.shard_size, shape)

@@ -169,8 +169,8 @@ def _dir_gb(path: Path) -> float:
 
 
 def bench(args: argparse.Namespace) -> list[dict]:
-    from dis_dist.data.shards import write_random_cache
     from dis_dist.plan import estimate
+    from tests.fixtures import write_random_cache  # a test fixture: the repository root is on sys.path
 
     out = Path(args.out)
     data = out / "data"

@@ -8,7 +8,7 @@
 The input is cut into shards deterministically; each worker (``--rank/--world-size``, torchrun
 or a SLURM array) encodes only its own, skipping those already finished, so a killed encode
 resumes where it stopped. The worker that sees every shard finished (or ``--finalize``) writes
-``manifest.json``. See :mod:`dis_dist.data.shards` for the format.
+``manifest.json``. See :mod:`dis_dist.data.manifest` and :mod:`dis_dist.data.tar` for the format.
 """
 
 from __future__ import annotations
@@ -24,13 +24,12 @@ from tqdm import tqdm
 
 from dis_dist.data import fs
 from dis_dist.data.encoders import build_encoder, to_tensor
-from dis_dist.data.shards import (
+from dis_dist.data.manifest import (
     FORMAT_VERSION,
     LATENT_KINDS,
     CacheInfo,
     Manifest,
     Skipped,
-    build_shard,
     finished_shards,
     merge_fragments,
     shard_name,
@@ -38,6 +37,7 @@ from dis_dist.data.shards import (
     write_shard,
 )
 from dis_dist.data.sources import Item, Source, center_crop, open_source, pad_to
+from dis_dist.data.tar import build_shard
 from dis_dist.distributed.env import resolve_device, worker_from_env
 from dis_dist.errors import DataError
 from dis_dist.utils.cli import cli_main, setup_logging

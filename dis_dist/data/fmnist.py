@@ -16,7 +16,7 @@ CLASS_NAMES = (
     "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
     "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot",
 )
-_FILES = {
+SPLIT_FILES = {  # the IDX files of each split (images, labels), each plain or .gz
     "train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
     "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"),
 }
@@ -35,10 +35,10 @@ def _find(root: Path, stem: str) -> Path:
 
 def load_fmnist(root: str | Path = DEFAULT_ROOT, split: str = "train", image_size: int = 32) -> ImageDataset:
     """Images as uint8 (n, 1, image_size, image_size), zero-padded around the 28x28 digits."""
-    if split not in _FILES:
+    if split not in SPLIT_FILES:
         raise DataError(f"unknown Fashion-MNIST split {split!r}; choose one of: train, test")
     root = Path(root)
-    images_file, labels_file = (_find(root, stem) for stem in _FILES[split])
+    images_file, labels_file = (_find(root, stem) for stem in SPLIT_FILES[split])
     images, labels = read_idx(images_file), read_idx(labels_file)
     if images.ndim != 3 or labels.ndim != 1 or len(images) != len(labels):
         raise DataError(

@@ -18,6 +18,7 @@ import numpy as np
 from PIL import Image
 
 from dis_dist.data import fs
+from dis_dist.data.inputs import NPZ_KINDS, url_kind
 from dis_dist.errors import DataError
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".JPEG", ".JPG", ".PNG")
@@ -170,28 +171,15 @@ def fashion_mnist(url: str, split: str, shard_size: int) -> Source:
                   sizes=_chunk_sizes(len(items), shard_size))
 
 
-def is_fmnist(url: str, options: fs.StorageOptions | None = None) -> bool:
-    fsys, root = fs.filesystem(url, options)
-    try:
-        names = {PurePosixPath(p).name for p in fsys.ls(root, detail=False)}
-    except (FileNotFoundError, NotADirectoryError):
-        return False
-    return bool(names & {"train-images-idx3-ubyte.gz", "train-images-idx3-ubyte"})
-
-
 def open_source(url: str, kind: str, *, shard_size: int, seed: int, split: str = "train",
                 num_classes: int | None = None, options: fs.StorageOptions | None = None,
                 max_bytes: int | None = fs.MAX_INPUT_MB * 2**20) -> Source:
-    """The source at ``url``; ``kind`` "auto" tells Fashion-MNIST, shards and folders apart.
-    ``max_bytes`` caps one image file of a folder."""
+    """Open the source at ``url``; ``kind`` "auto" asks :func:`~dis_dist.data.inputs.url_kind`
+    whether it is Fashion-MNIST, shards or a folder. ``max_bytes`` caps one image file of a folder."""
     fs.check_access(url, options)
     if kind == "auto":
-        fsys, root = fs.filesystem(url, options)
-        if is_fmnist(url, options):
-            kind = "fmnist"
-        elif root.endswith(".tar") or any(p.endswith(".tar") for p in fsys.ls(root, detail=False)):
-            kind = "shards"
-        else:
+        kind = url_kind(url, options)
+        if kind in NPZ_KINDS:  # not an input the encoder reads: as a folder, opening it says what is missing
             kind = "folder"
     if kind == "fmnist":
         if not fs.is_local(url):

@@ -29,7 +29,9 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from dis_dist.data import fs
-from dis_dist.data.shards import Manifest, check_samples, load_manifest, load_shard, npy_array, read_shard
+from dis_dist.data.manifest import Manifest, load_manifest
+from dis_dist.data.shards import check_samples, load_shard, read_shard
+from dis_dist.data.tar import npy_array
 from dis_dist.errors import DataError
 from dis_dist.utils.seeding import mix_seed
 

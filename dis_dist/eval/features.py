@@ -172,14 +172,6 @@ def _cache_key(url: str, extractor: Extractor, resolution: int | None, limit: in
     return hashlib.sha1(text.encode()).hexdigest()[:16]
 
 
-def is_stats_file(url: str) -> bool:
-    """An ``.npz`` holding statistics (mu, sigma) and no images."""
-    if not url.endswith(".npz") or not Path(url).is_file():
-        return False
-    keys = set(npz_keys(url))
-    return bool(keys & {"mu", "sigma"}) and "arr_0" not in keys
-
-
 def reference_stats(
     url: str, extractor: Extractor, *, resolution: int | None = None, limit: int | None = None,
     cache_dir: str | Path | None = None, batch_size: int = 100, progress: bool = True,
@@ -187,16 +179,18 @@ def reference_stats(
     """Statistics of the reference at ``url``: a statistics ``.npz`` as is (it must come from
     the same feature network), else computed from its images once and cached in ``cache_dir``
     (default: :func:`default_cache_dir`), keyed by the file, the network and the settings."""
+    from dis_dist.data.inputs import url_kind
     from dis_dist.eval.images import open_images
 
-    if is_stats_file(url):
+    kind = url_kind(url)
+    if kind == "statistics":
         return ReferenceStats.load(url)
     key = _cache_key(url, extractor, resolution, limit)
     cache = Path(cache_dir or default_cache_dir()) / f"ref-{extractor.kind}-{key}.npz"
     if cache.is_file():
         log.info("reference statistics of %s from the cache %s", url, cache)
         return ReferenceStats.load(cache)
-    images = open_images(url, resolution=resolution, limit=limit)
+    images = open_images(url, resolution=resolution, limit=limit, kind=kind)
     log.info("computing reference statistics of %s with %s", images.description, extractor.id)
     stats = ReferenceStats.of(extract(extractor, images, batch_size, progress))
     stats.source = images.description

@@ -7,11 +7,15 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from dis_dist.errors import DataError
 from dis_dist.utils.npz import iter_npz, npz_header, npz_keys
+
+if TYPE_CHECKING:
+    from dis_dist.data.inputs import UrlKind
 
 
 @dataclass
@@ -67,15 +71,19 @@ def _in_memory(description: str, images: np.ndarray, labels: np.ndarray | None) 
     return ImageSet(description, len(images), batches, labels)
 
 
-def open_images(url: str, *, resolution: int | None = None, limit: int | None = None) -> ImageSet:
-    """The images at ``url`` (see the module docstring for the forms)."""
-    from dis_dist.data.sources import center_crop, is_fmnist, open_source
+def open_images(url: str, *, resolution: int | None = None, limit: int | None = None,
+                kind: UrlKind | None = None) -> ImageSet:
+    """Open the images at ``url`` (see the module docstring for the forms). ``kind`` is what
+    :func:`~dis_dist.data.inputs.url_kind` says of ``url``, when the caller has asked it already."""
+    from dis_dist.data.inputs import NPZ_KINDS, url_kind
+    from dis_dist.data.sources import center_crop, open_source
 
-    if url.endswith(".npz"):
+    kind = kind or url_kind(url)
+    if kind in NPZ_KINDS:
         if not Path(url).is_file():
             raise DataError(f"{url!r} does not exist")
         return _npz(url, limit)
-    if is_fmnist(url):
+    if kind == "fmnist":
         from dis_dist.data.fmnist import load_fmnist
 
         data = load_fmnist(url, "test", 32)
@@ -84,7 +92,7 @@ def open_images(url: str, *, resolution: int | None = None, limit: int | None = 
                           data.labels[:limit].numpy())
     if resolution is None:
         raise DataError(f"{url!r} is an image folder or shards: give the resolution to center-crop to")
-    source = open_source(url, "auto", shard_size=10**9, seed=0)
+    source = open_source(url, kind, shard_size=10**9, seed=0)
     count = sum(source.sizes) if source.sizes else None
     count = min(count, limit) if count is not None and limit else count or limit
 
