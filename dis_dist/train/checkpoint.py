@@ -192,7 +192,7 @@ def resolve_resume(resume: str, manager: CheckpointManager) -> Path | None:
     path = Path(resume)
     if not path.is_dir():
         raise CheckpointError(f"--resume {resume!r}: no such checkpoint directory")
-    if not any((path / name).is_file() for name in CHECKPOINT_FILES):
+    if not _STEP_DIR.match(path.name) and not any((path / name).is_file() for name in CHECKPOINT_FILES):
         raise CheckpointError(
             f"--resume {resume!r} is not a checkpoint (it holds none of {', '.join(CHECKPOINT_FILES)}): give a "
             f"run's checkpoints/step_* directory, or --resume auto"
