@@ -179,6 +179,10 @@ class FSDPStrategy(Strategy):
             raise CheckpointError(f"{path} cannot be loaded: {type(e).__name__}: {str(e)[:500]}") from None
 
     @classmethod
+    def holds_checkpoint(cls, directory: Path) -> bool:
+        return (directory / DCP_DIR).is_dir()
+
+    @classmethod
     def read_weights(cls, directory: Path, model: nn.Module, ema: bool = True) -> tuple[dict[str, Tensor], Path]:
         source, prefix = directory / DCP_DIR, "ema" if ema else "model"
         reader = DataOnlyReader(str(source))

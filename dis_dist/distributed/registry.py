@@ -4,13 +4,14 @@ from the interface (strategy.py), which every strategy imports, so that no impor
 from __future__ import annotations
 
 import importlib
+from pathlib import Path
 
 from torch import nn
 
 from dis_dist.config import RunConfig
 from dis_dist.distributed.env import DistEnv
 from dis_dist.distributed.strategy import OptimizerFactory, SchedulerFactory, Strategy
-from dis_dist.errors import ConfigError
+from dis_dist.errors import CheckpointError, ConfigError
 
 # Imported on first use: DeepSpeed's module imports DeepSpeed.
 STRATEGIES = {
@@ -28,6 +29,16 @@ def strategy_class(name: str) -> type[Strategy]:
         raise ConfigError(f"unknown strategy {name!r}; choose one of: {', '.join(STRATEGIES)}")
     module, cls = STRATEGIES[name].split(":")
     return getattr(importlib.import_module(module), cls)
+
+
+def checkpoint_strategy(directory: Path) -> type[Strategy]:
+    """Return the strategy whose layout the checkpoint in ``directory`` has (``ddp`` writes
+    ``single``'s); CheckpointError when none has it."""
+    for name in STRATEGIES:
+        cls = strategy_class(name)
+        if cls.holds_checkpoint(directory):
+            return cls
+    raise CheckpointError(f"{str(directory)!r} is in no strategy's checkpoint layout: not a dis_dist checkpoint")
 
 
 def build_strategy(

@@ -84,6 +84,10 @@ class SingleDeviceStrategy(Strategy):
             raise CheckpointError(f"{file} does not fit this model: {type(e).__name__}: {e}") from None
 
     @classmethod
+    def holds_checkpoint(cls, directory: Path) -> bool:
+        return (directory / CHECKPOINT_FILE).is_file()
+
+    @classmethod
     def read_weights(cls, directory: Path, model: nn.Module, ema: bool = True) -> tuple[dict[str, Tensor], Path]:
         source, key = directory / CHECKPOINT_FILE, "ema" if ema else "model"
         saved = load_torch(source, map_location="cpu")

@@ -136,6 +136,11 @@ class Strategy(ABC):
 
     @classmethod
     @abstractmethod
+    def holds_checkpoint(cls, directory: Path) -> bool:
+        """Whether ``directory`` holds a checkpoint in this strategy's layout."""
+
+    @classmethod
+    @abstractmethod
     def read_weights(cls, directory: Path, model: nn.Module, ema: bool = True) -> tuple[dict[str, Tensor], Path]:
         """Offline, with no process group: the whole EMA (or raw) weights of a checkpoint this
         strategy saved into ``directory``, and the file or directory they came from. Where the

@@ -289,6 +289,10 @@ class DeepSpeedStrategy(Strategy):
             self._ema[name][1].copy_(tensor)
 
     @classmethod
+    def holds_checkpoint(cls, directory: Path) -> bool:
+        return (directory / TAG).is_dir()
+
+    @classmethod
     def read_weights(cls, directory: Path, model: nn.Module, ema: bool = True) -> tuple[dict[str, Tensor], Path]:
         """The EMA from every rank's fragments (``ema_rank<r>.pt``), or the raw weights through
         DeepSpeed's zero_to_fp32 (its loads as data)."""

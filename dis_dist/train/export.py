@@ -2,8 +2,8 @@
 ``config.json``, loadable by ``build_model`` on any machine, without the training strategy.
 
 Each strategy owns its checkpoint layout (docs/distributed.md, "Checkpoints and exact resume"),
-including reading its whole weights offline (``Strategy.read_weights``); export reads the
-strategy's name from the checkpoint's ``model.json`` and asks it.
+including reading its whole weights offline (``Strategy.read_weights``); export asks the
+strategy whose layout a checkpoint has.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from dis_dist.distributed.registry import STRATEGIES, strategy_class
+from dis_dist.distributed.registry import checkpoint_strategy
 from dis_dist.errors import CheckpointError
 from dis_dist.models import DiS
 from dis_dist.models.spec import ModelSpec, check_finite, check_weights, layout, load_safetensors, read_model_spec
@@ -36,24 +36,21 @@ MODEL_INFO = "model.json"
 
 
 def read_checkpoint_info(path: Path) -> dict:
-    """Read a checkpoint's ``model.json``, checked (dis_dist.models.spec) and naming a known strategy."""
+    """Read a checkpoint's ``model.json``, checked (dis_dist.models.spec)."""
     info_file = path / MODEL_INFO
     if not info_file.is_file():
         raise CheckpointError(f"{str(path)!r} has no {MODEL_INFO} (what build_model needs)")
-    info = read_model_spec(info_file)
-    if info.get("strategy") not in STRATEGIES:
-        raise CheckpointError(f"{info_file}: strategy {info.get('strategy')!r} is not one of {', '.join(STRATEGIES)}")
-    return info
+    return read_model_spec(info_file)
 
 
-def load_checkpoint_weights(path: Path, info: dict, model: nn.Module, ema: bool = True) -> dict[str, Tensor]:
-    """Read the whole EMA (or raw) weights of the checkpoint at ``path`` (``info``: its model.json)
-    into fp32 CPU tensors, through the strategy that wrote them, and check them against ``model``
-    (built on the meta device): names, shapes, floating-point dtypes and finite values."""
+def load_checkpoint_weights(path: Path, model: nn.Module, ema: bool = True) -> dict[str, Tensor]:
+    """Read the whole EMA (or raw) weights of the checkpoint at ``path`` into fp32 CPU tensors,
+    through the strategy whose layout it has, and check them against ``model`` (built on the meta
+    device): names, shapes, floating-point dtypes and finite values."""
     if not path.is_dir() or not is_complete(path):
         raise CheckpointError(f"{str(path)!r} is not a complete checkpoint directory (no COMPLETE marker)")
     verify_checkpoint(path)
-    state, source = strategy_class(info["strategy"]).read_weights(path, model, ema)
+    state, source = checkpoint_strategy(path).read_weights(path, model, ema)
     check_weights(model, layout(state), source)
     check_finite(state, source)
     return {k: v.float().contiguous() for k, v in state.items()}
@@ -65,7 +62,7 @@ def export_checkpoint(checkpoint: str | Path, out_dir: str | Path, ema: bool = T
 
     path, out = Path(checkpoint), Path(out_dir)
     info = read_checkpoint_info(path)
-    state = load_checkpoint_weights(path, info, ModelSpec.of(info).build_meta(), ema=ema)
+    state = load_checkpoint_weights(path, ModelSpec.of(info).build_meta(), ema=ema)
     out.mkdir(parents=True, exist_ok=True)
     weights = out / WEIGHTS_FILE
     save_file(state, str(weights))
@@ -113,7 +110,7 @@ def load_model(
             )
         info = {**read_checkpoint_info(path), "checkpoint": str(path.resolve()), "weights": "ema" if ema else "raw"}
         model = ModelSpec.of(info).build_meta(**model_kwargs)
-        state = load_checkpoint_weights(path, info, model, ema=ema)
+        state = load_checkpoint_weights(path, model, ema=ema)
     model.load_state_dict({k: v.float() for k, v in state.items()}, assign=True)  # the checked tensors
     return model.to(device).eval(), info
 
