@@ -407,7 +407,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m dis_dist.plan", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="DiS-H/2")
-    p.add_argument("--resolution", type=number(int, multiple_of=8), default=256,
+    p.add_argument("--resolution", type=number(int), default=256,
                    help="image size in pixels, a multiple of 8 (latents are 1/8)")
     p.add_argument("--gpus", type=number(int), default=8)
     p.add_argument("--gpus-per-node", type=number(int), default=8)

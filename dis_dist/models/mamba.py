@@ -18,7 +18,7 @@ from einops import rearrange
 from torch import Tensor, nn
 
 from dis_dist.models.layers import at_least_fp32
-from dis_dist.ops.selective_scan import bidirectional_selective_scan, resolve_backend
+from dis_dist.ops.selective_scan import arrange_directions, bidirectional_selective_scan, resolve_backend
 from dis_dist.ops.selective_scan.context_parallel import cp_bidirectional_selective_scan, halo_exchange
 from dis_dist.ops.selective_scan.cpu import depthwise_conv_cpu
 
@@ -154,9 +154,10 @@ class BiMamba(nn.Module):
         # The backward branch is computed on the sequence as it is and scanned right to left.
         backend = resolve_backend(self.scan_backend, x.device).name
         native = backend == "cpu" and not torch.is_autocast_enabled(x.device.type)
-        # Each scan input as a (forward, backward) pair: the scan reads or stacks them as its backend wants.
-        u, delta, A, B, C, D, delta_bias = zip(
-            self.fwd(x, halo=left, native_conv=native), self.bwd(x, True, right, native_conv=native)
+        # Each scan input as a (forward, backward) pair, read or stacked as the backend wants.
+        u, delta, A, B, C, D, delta_bias = arrange_directions(
+            zip(self.fwd(x, halo=left, native_conv=native), self.bwd(x, True, right, native_conv=native)), backend,
+            x.device,
         )
         scan, group = bidirectional_selective_scan, {}
         if self.cp_group is not None:

@@ -38,9 +38,9 @@ def cli_main(main: Main) -> Main:
     return run
 
 
-def number(kind: type, *, low: float = 0, low_ok: bool = False, multiple_of: int = 1) -> Callable[[str], float]:
-    """An argparse ``type`` for a finite number of ``kind`` above ``low`` (or at it, ``low_ok``),
-    an integer multiple of ``multiple_of``: anything else is one line naming the flag."""
+def number(kind: type, *, low: float = 0, low_ok: bool = False) -> Callable[[str], float]:
+    """An argparse ``type`` for a finite number of ``kind`` above ``low`` (or at it, ``low_ok``):
+    anything else is one line naming the flag."""
 
     def parse(text: str) -> float:
         try:
@@ -51,8 +51,6 @@ def number(kind: type, *, low: float = 0, low_ok: bool = False, multiple_of: int
             raise argparse.ArgumentTypeError(f"{text} is not a finite number")
         if value < low or (value == low and not low_ok):
             raise argparse.ArgumentTypeError(f"{text} must be {'at least' if low_ok else 'above'} {low:g}")
-        if multiple_of > 1 and value % multiple_of:
-            raise argparse.ArgumentTypeError(f"{text} is not a multiple of {multiple_of}")
         return value
 
     return parse

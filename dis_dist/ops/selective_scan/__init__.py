@@ -13,7 +13,7 @@ import importlib
 import importlib.util
 import logging
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -178,6 +178,18 @@ def stack_directions(t: Directions, channels_last: bool = False) -> Tensor:
     return rearrange(torch.stack([rearrange(x, "b k l -> b l k") for x in t]), "two b l k -> two b k l")
 
 
+def arrange_directions(
+    pairs: Iterable[tuple[Tensor, Tensor]], backend: str, device: torch.device
+) -> Iterator[Directions]:
+    """The scan's inputs, given as (forward, backward) pairs, as ``backend`` takes them: the pairs
+    as they are, or each stacked in the layout it wants. A generator, stacking one input at a
+    time: unpacked at once, each pair can be freed as soon as it is stacked, so the two copies
+    never all live together (what a sampling batch's peak memory, and the planner, count on)."""
+    impl = resolve_backend(backend, device)
+    for pair in pairs:
+        yield pair if impl.directions == "pairs" else stack_directions(pair, impl.directions == "channels_last")
+
+
 def bidirectional_selective_scan(
     u: Directions,
     delta: Directions,
@@ -209,6 +221,7 @@ def bidirectional_selective_scan(
 
 __all__ = [
     "BACKENDS",
+    "arrange_directions",
     "available_backends",
     "bidirectional_selective_scan",
     "resolve_backend",
