@@ -137,13 +137,13 @@ class Strategy(ABC):
     @classmethod
     @abstractmethod
     def holds_checkpoint(cls, directory: Path) -> bool:
-        """Whether ``directory`` holds a checkpoint in this strategy's layout."""
+        """Tell whether ``directory`` holds a checkpoint in this strategy's layout."""
 
     @classmethod
     @abstractmethod
     def read_weights(cls, directory: Path, model: nn.Module, ema: bool = True) -> tuple[dict[str, Tensor], Path]:
-        """Offline, with no process group: the whole EMA (or raw) weights of a checkpoint this
-        strategy saved into ``directory``, and the file or directory they came from. Where the
+        """Read, offline (no process group), the whole EMA (or raw) weights of a checkpoint this
+        strategy saved into ``directory``; return them and the file or directory they came from. Where the
         layout states the tensors' shapes, they are checked against ``model`` (on the meta
         device: dis_dist.models.spec.check_weights) before anything is allocated."""
 
