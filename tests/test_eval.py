@@ -316,6 +316,7 @@ def test_classifier_metrics_rank_a_trained_model_above_an_untrained_one(
 
     cfg = load_config(ROOT / "configs" / "demo_fmnist.yaml", [
         f"run_dir={tmp_path / 'run'}", "data.source=fmnist", f"data.root={fmnist_root}", "model.name=DiS-T/8",
+        "data.image_size=32",
         "train.steps=600",
         "sample.every=0", "sample.steps=ddim20", "sample.sampler=ddim", "checkpoint.every=0", "log.every=100",
         "eval.every=600", "eval.features=fmnist", f"eval.weights={classifier}",

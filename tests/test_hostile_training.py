@@ -133,6 +133,7 @@ def test_two_jobs_on_one_run_dir_for_real(tmp_path, fmnist_root):
     env.pop("SLURM_JOB_ID", None)
     args = [sys.executable, "-m", "dis_dist.train", "--config", str(ROOT / "configs" / "demo_fmnist.yaml"),
             f"run_dir={tmp_path}", f"data.root={fmnist_root}", "data.source=fmnist", "model.name=DiS-T/8",
+            "data.image_size=32",
             "train.steps=100000", "log.every=10", "sample.every=0", "eval.every=0", "checkpoint.every=0",
             "checkpoint.lock_lease_s=20"]
     first = subprocess.Popen(args, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)

@@ -324,9 +324,9 @@ def test_fmnist_pixels_cache_trains(fmnist_root, tmp_path):
 
     cache = tmp_path / "fmnist"
     result = _encode("--input", str(fmnist_root), "--output", str(cache), "--vae", "pixels", "--split", "test",
-                     "--resolution", "32", "--shard-size", "2500", "--no-flip")
+                     "--resolution", "28", "--shard-size", "2500", "--no-flip")
     info = result.manifest.info
-    assert info.latent_kind == "pixels" and info.latent_shape == [1, 32, 32] and result.manifest.total_samples == 10_000
+    assert info.latent_kind == "pixels" and info.latent_shape == [1, 28, 28] and result.manifest.total_samples == 10_000
     cfg = load_config(ROOT / "configs" / "demo_fmnist.yaml", [
         f"run_dir={tmp_path / 'run'}", f"data.url={cache}", "data.num_workers=2", "train.steps=2",
         "train.global_batch=8", "train.micro_batch=8", "sample.every=0", "sample.num=10", "sample.steps=2",

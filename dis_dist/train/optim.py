@@ -11,10 +11,10 @@ from dis_dist.config import OptimConfig
 
 
 def adamw(groups: list[dict], opt: OptimConfig, device: torch.device) -> torch.optim.AdamW:
-    """AdamW over parameter ``groups`` with the run's settings; on a GPU the fused implementation
-    (one kernel launch for all parameters, rather than a few per group and state)."""
+    """AdamW over parameter ``groups`` with the run's settings, fused (one pass over each
+    parameter and its states, rather than a few kernels per group and state) on GPUs and CPUs."""
     return torch.optim.AdamW(groups, lr=opt.lr, betas=tuple(opt.betas), eps=opt.eps,
-                             fused=True if device.type == "cuda" else None)
+                             fused=True if device.type in ("cuda", "cpu") else None)
 
 
 def lr_factor(step: int, *, warmup: int, total: int, schedule: str, min_ratio: float = 0.0) -> float:
