@@ -231,6 +231,7 @@ def test_build_command_builds_or_says_why(tmp_path):
     assert built.returncode == 0, built.stderr
     blocked = tmp_path / "a_file"
     blocked.write_text("")
-    refused = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "TORCH_EXTENSIONS_DIR": str(blocked)})
+    env = {**os.environ, "TORCH_EXTENSIONS_DIR": str(blocked)}
+    refused = subprocess.run(cmd, capture_output=True, text=True, env=env)
     assert refused.returncode == 1
     assert "cannot be built here" in refused.stderr and "TORCH_EXTENSIONS_DIR" in refused.stderr, refused.stderr

@@ -218,7 +218,8 @@ def depthwise_conv_cpu(x: Tensor, weight: Tensor, bias: Tensor, reverse: bool = 
     return _CpuConv.apply(x_cl, weight.contiguous(), bias.contiguous(), reverse).transpose(1, 2)
 
 
-if __name__ == "__main__":  # `python -m dis_dist.ops.selective_scan.cpu`: build it now (`make demo` does, beside other work)
+# `python -m dis_dist.ops.selective_scan.cpu` builds it now (`make demo` does, beside other work).
+if __name__ == "__main__":
     from dis_dist.utils.cli import setup_logging
 
     setup_logging()
