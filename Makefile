@@ -46,14 +46,11 @@ DEMO_CACHE ?= runs/data/fmnist-pixels28
 
 # The whole pipeline: Fashion-MNIST -> encode (pixel space) -> shards -> train -> evaluate. A
 # rerun skips the finished shards and the trained classifier, and resumes training from the
-# newest checkpoint. The native scan kernel compiles (one compiler process) beside the encode
-# and the classifier; if it cannot, training logs why and falls back (docs/kernels.md).
+# newest checkpoint.
 demo: venv
-	$(BIN)/python -m dis_dist.ops.selective_scan.cpu & build=$$!; \
 	$(BIN)/python -m dis_dist.data.encode --input /usr/share/datasets/fashion-mnist \
-	  --output $(DEMO_CACHE) --vae pixels --resolution 28 --shard-size 2500 --no-flip \
-	&& $(BIN)/python tools/train_fmnist_classifier.py --out .cache/fmnist_classifier.pt; \
-	status=$$?; wait $$build; exit $$status
+	  --output $(DEMO_CACHE) --vae pixels --resolution 28 --shard-size 2500 --no-flip
+	$(BIN)/python tools/train_fmnist_classifier.py --out .cache/fmnist_classifier.pt
 	$(BIN)/python -m dis_dist.train --config configs/demo_fmnist.yaml data.url=$(DEMO_CACHE)
 
 test: venv-dev

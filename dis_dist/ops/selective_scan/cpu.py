@@ -216,12 +216,3 @@ def depthwise_conv_cpu(x: Tensor, weight: Tensor, bias: Tensor, reverse: bool = 
     if x_cl.stride(-1) != 1:
         x_cl = x_cl.contiguous()
     return _CpuConv.apply(x_cl, weight.contiguous(), bias.contiguous(), reverse).transpose(1, 2)
-
-
-# `python -m dis_dist.ops.selective_scan.cpu` builds it now (`make demo` does, beside other work).
-if __name__ == "__main__":
-    from dis_dist.utils.cli import setup_logging
-
-    setup_logging()
-    reason = unavailable(torch.device("cpu"))
-    raise SystemExit(f"the native CPU scan kernel cannot be built here: {reason}" if reason else None)
