@@ -8,7 +8,7 @@ SPEC: ``{"cases": [...], "out"}``, each case either a mixer case
 inputs (seeded), runs the unsplit conv + scan, then its own slice (uneven when K does not divide
 the length); or a model case ``{"model": {"width", "depth", "input_size"}, "batch", "dtype",
 "backend", "checkpointing", "splits"}`` (optionally "device"): a DiS (patch 2, class-conditional,
-drop path and label dropout on) whole on rank 0 against the same DiS with its token sequence
+drop path and label dropout on) whole on the last rank against the same DiS with its token sequence
 split over the first k ranks, for each k of ``splits``. Rank 0 writes each case's largest relative error (max |a - b| /
 max |b| over the outputs and each gradient; for a model case, {k: error}) to ``out``.
 """
@@ -107,8 +107,9 @@ def run_case(case: dict) -> float:
 def run_model_case(case: dict) -> dict[int, float]:
     """The whole model's output (every rank returns it) and every parameter's gradient (each
     rank's part, summed) with the sequence split over the first k ranks for each k of
-    ``case["splits"]``, against the unsplit model on rank 0 (computed once), for the loss
-    <probe, output>: {k: max relative error}."""
+    ``case["splits"]``, against the unsplit model (computed once, on the last rank, while the
+    smaller splits run on the first ranks; sent to rank 0), for the loss <probe, output>:
+    {k: max relative error} on rank 0."""
     dtype, device = getattr(torch, case["dtype"]), torch.device(case.get("device", "cpu"))
     shape = case["model"]
     model = DiS(input_size=shape["input_size"], patch_size=2, in_channels=4, width=shape["width"],
@@ -130,22 +131,34 @@ def run_model_case(case: dict) -> dict[int, float]:
         (out * probe).sum().backward()
         return out.detach(), [p.grad for p in m.parameters()]
 
+    rank, last = dist.get_rank(), dist.get_world_size() - 1
+    full = None
+    if rank == last:  # the unsplit model, without checkpointing
+        full = loss_and_grads(model)
     if case["checkpointing"]:
         model.set_activation_checkpointing(1)
     split = {}  # k -> (output, summed gradients) of the first k ranks splitting the sequence
     for k in case["splits"]:
         group = dist.new_group(list(range(k)))  # collective: every rank creates every group
-        if dist.get_rank() < k:
+        if rank < k:
             model.set_context_parallel(group)
             out, grads = loss_and_grads(model)
             for grad in grads:
                 dist.all_reduce(grad, group=group)
             split[k] = out, grads
+    if last != 0:  # the unsplit output and gradients, to rank 0
+        if rank == last:
+            for tensor in [full[0], *full[1]]:
+                dist.send(tensor.contiguous(), 0)
+        elif rank == 0:
+            out_full = torch.empty_like(split[case["splits"][0]][0])
+            grads_full = [torch.empty_like(p) for p in model.parameters()]
+            for tensor in [out_full, *grads_full]:
+                dist.recv(tensor, last)
+            full = out_full, grads_full
     errors = {}
-    if dist.get_rank() == 0:
-        model.set_context_parallel(None)
-        model.set_activation_checkpointing(0)
-        out_full, grads_full = loss_and_grads(model)
+    if rank == 0:
+        out_full, grads_full = full
         for k, (out, grads) in split.items():
             pairs = [(out, out_full), *zip(grads, grads_full)]
             errors[k] = max(float((a - b).abs().max() / b.abs().max()) for a, b in pairs)
@@ -160,7 +173,7 @@ def main() -> None:
     if dist.get_rank() == 0:
         with open(spec["out"], "w") as f:
             json.dump(errors, f)
-    dist.barrier()  # rank 0 alone runs the unsplit models: no rank leaves the group before it is done
+    dist.barrier()  # no rank leaves the group before rank 0 has written the errors
     dist.destroy_process_group()
 
 

@@ -21,12 +21,13 @@ import shutil
 import signal
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 import torch.distributed as dist
 
-from dis_dist.config import load_config
-from dis_dist.train.trainer import Trainer
+if TYPE_CHECKING:
+    from dis_dist.train.trainer import Trainer
 
 PAYLOAD = "payload-ran"
 
@@ -61,6 +62,11 @@ def signal_during(trainer: Trainer, step: int) -> None:
 
 
 def run(scenario: dict) -> None:
+    # Imported here, not at the top: the shard stream's loader workers are spawned, and each
+    # re-imports this script (as __mp_main__); they need none of the trainer's imports.
+    from dis_dist.config import load_config
+    from dis_dist.train.trainer import Trainer
+
     cfg = load_config(None, scenario["overrides"])
     if scenario.get("signal_at"):
         stopped = Trainer(cfg)
@@ -88,7 +94,14 @@ def run(scenario: dict) -> None:
 
 
 def main(spec_path: str) -> None:
+    import functools
+
+    import dis_dist.data
+
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    # Every scenario reading Fashion-MNIST reads the same split: decode its IDX files once per
+    # launch, not once per Trainer (the loaders only index the dataset).
+    dis_dist.data.load_fmnist = functools.lru_cache(maxsize=None)(dis_dist.data.load_fmnist)
     with open(spec_path) as f:
         scenarios = json.load(f)
     for scenario in scenarios:

@@ -66,16 +66,17 @@ STREAM_WORKERS = {"ddp": (0, 2), "fsdp": (0, 2), "fsdp_zero2": (2,), "fsdp_async
 PLANTED = ("fsdp", "zero2")
 
 
-def overrides(run_dir: Path, fmnist_root: Path, classifier: Path, *extra: str) -> list[str]:
+def overrides(run_dir: Path, fmnist_root: Path, classifier: Path, reference: Path, *extra: str) -> list[str]:
     # The default label dropout (0.1) and drop path (0.1). An evaluation at the end: its samples
-    # are drawn by every rank and scored on rank 0.
+    # are drawn by every rank and scored on rank 0 (against the statistics of 1,000 test images:
+    # the subject is who draws and scores them, not the reference).
     return [
         f"run_dir={run_dir}", f"data.root={fmnist_root}", "model.name=DiS-T/8",
         f"train.steps={STEPS}", "train.global_batch=8", "train.micro_batch=4", "train.ema_decay=0.8",
         "optim.lr=1e-3", "optim.warmup_steps=2", "optim.schedule=cosine", "optim.weight_decay=0.01",
         "optim.grad_clip=0.5", "sample.every=3", "sample.num=4", "sample.steps=2", "sample.batch_size=3",
         "checkpoint.every=3", "log.every=2", f"eval.every={STEPS}", "eval.features=fmnist",
-        f"eval.weights={classifier}", f"eval.reference={fmnist_root}", "eval.num_samples=8", "eval.batch_size=4",
+        f"eval.weights={classifier}", f"eval.reference={reference}", "eval.num_samples=8", "eval.batch_size=4",
         *extra,
     ]
 
@@ -107,51 +108,51 @@ def rel_error(a: dict, b: dict) -> float:
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory: pytest.TempPathFactory, fmnist_root: Path, classifier: Path, fmnist_cache: Path) -> dict:
+def runs(tmp_path_factory: pytest.TempPathFactory, fmnist_root: Path, classifier: Path, fmnist_reference: Path,
+         fmnist_cache: Path) -> dict:
     """Every scenario's output: 2-rank runs (straight; on the shard stream straight and
-    signalled/resumed; resumed past a planted checkpoint), single-process references, and 1-rank
-    runs of the memory baselines and the FSDP resume at world size 1."""
+    signalled/resumed; resumed past a planted checkpoint; ZeRO-3's initial weights),
+    single-process references, 1-rank runs of the memory baselines and the FSDP resume at world
+    size 1, and 4-rank runs."""
     require(importlib.util.find_spec("deepspeed") is not None, "DeepSpeed (pip install deepspeed)")
     tmp = tmp_path_factory.mktemp("dist")
-    two = []
-    for name, extra in {**STRATEGIES, **VARIANTS, **BF16}.items():
-        two.append({"overrides": overrides(tmp / name, fmnist_root, classifier, *extra),
-                    "out": str(tmp / f"{name}.pt")})
+
+    def scenario(name: str, *extra: str, **options: object) -> dict:
+        return {"overrides": overrides(tmp / name, fmnist_root, classifier, fmnist_reference, *extra),
+                "out": str(tmp / f"{name}.pt"), **options}
+
+    # The initial weights of meta-device init, at 4 ranks (fsdp, hsdp 2x2, ddp) and at 2 (ZeRO-3).
+    init = {"init_zero3_world2": STRATEGIES["zero3"], "init_fsdp_world4": STRATEGIES["fsdp"],
+            "init_hsdp_world4": STRATEGIES["fsdp"] + ["dist.shard_group_size=2"], "init_ddp_world4": STRATEGIES["ddp"]}
+
+    def init_only(nproc: int) -> list[dict]:
+        return [scenario(name, *extra, "eval.every=0", "train.micro_batch=2", init_only=True)
+                for name, extra in init.items() if name.endswith(f"world{nproc}")]
+
+    two = [scenario(name, *extra) for name, extra in {**STRATEGIES, **VARIANTS, **BF16}.items()]
     for name, workers in STREAM_WORKERS.items():
         for w in workers:
             stream = [*STRATEGIES[name], "data.source=shards", f"data.url={fmnist_cache}", f"data.num_workers={w}",
                       "data.shuffle_buffer=64", "eval.every=0"]
             for suffix, signal_at in (("", None), ("_resumed", 2)):
-                run = f"{name}_stream{w}{suffix}"
-                two.append({"overrides": overrides(tmp / run, fmnist_root, classifier, *stream),
-                            "signal_at": signal_at, "out": str(tmp / f"{run}.pt")})
-    for name in PLANTED:
-        two.append({"overrides": overrides(tmp / f"{name}_planted", fmnist_root, classifier, *STRATEGIES[name]),
-                    "plant_from": str(tmp / name), "out": str(tmp / f"{name}_planted.pt")})
-    torchrun(tmp, two, nproc=2)
+                two.append(scenario(f"{name}_stream{w}{suffix}", *stream, signal_at=signal_at))
+    two += [scenario(f"{name}_planted", *STRATEGIES[name], plant_from=str(tmp / name)) for name in PLANTED]
+    torchrun(tmp, two + init_only(2), nproc=2)  # one launch for every 2-rank scenario
 
     # A copy of the 2-rank FSDP run, resumed by one rank: it loads step 6 and trains no further.
     shutil.copytree(tmp / "fsdp", tmp / "fsdp_world1")
-    one = [
-        {"overrides": overrides(tmp / name, fmnist_root, classifier, *STRATEGIES[base]),
-         "out": str(tmp / f"{name}.pt")}
-        for name, base in [("fsdp_world1", "fsdp"), ("zero3_world1", "zero3")]
-    ]
-    torchrun(tmp, one, nproc=1)
-    # The initial weights of meta-device init, at 4 ranks (fsdp, hsdp 2x2, ddp) and at 2 (ZeRO-3).
-    init = {"init_zero3_world2": STRATEGIES["zero3"], "init_fsdp_world4": STRATEGIES["fsdp"],
-            "init_hsdp_world4": STRATEGIES["fsdp"] + ["dist.shard_group_size=2"], "init_ddp_world4": STRATEGIES["ddp"]}
-    for nproc in (2, 4):
-        torchrun(tmp, [{"overrides": overrides(tmp / name, fmnist_root, classifier, *extra, "eval.every=0",
-                                               "train.micro_batch=2"),
-                        "init_only": True, "out": str(tmp / f"{name}.pt")}
-                       for name, extra in init.items() if name.endswith(f"world{nproc}")]
-                 + [{"overrides": overrides(tmp / name, fmnist_root, classifier, *extra),
-                     "out": str(tmp / f"{name}.pt")} for name, extra in WORLD4.items() if nproc == 4], nproc=nproc)
+    torchrun(tmp, [scenario(name, *STRATEGIES[base]) for name, base in [("fsdp_world1", "fsdp"),
+                                                                         ("zero3_world1", "zero3")]], nproc=1)
+    torchrun(tmp, init_only(4) + [scenario(name, *extra) for name, extra in WORLD4.items()], nproc=4)
 
     out = {p.stem: torch.load(p, weights_only=False) for p in tmp.glob("*.pt")}
-    single = Trainer(load_config(None, overrides(tmp / "single", fmnist_root, classifier)))
-    result = single.fit()
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as the ranks (OMP_NUM_THREADS=1): 2 threads on a busy machine crawl
+    try:
+        single = Trainer(load_config(None, overrides(tmp / "single", fmnist_root, classifier, fmnist_reference)))
+        result = single.fit()
+    finally:
+        torch.set_num_threads(threads)
     out["single"] = {
         "model": single.strategy.full_state_dict(ema=False), "ema": single.strategy.full_state_dict(ema=True),
         "loss": result.final_loss, "numel": [single.strategy.local_numel()], "step": result.step,

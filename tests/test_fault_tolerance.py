@@ -28,11 +28,16 @@ def _hook_losses(trainer: Trainer, action) -> None:  # noqa: ANN001
     trainer.diffusion.training_losses = wrapped
 
 
-@pytest.mark.parametrize("how", ["SIGUSR1", "SIGTERM", "file"])
-def test_stop_request_saves_and_resume_matches_uninterrupted(tmp_path, fmnist_root, how):
-    straight = Trainer(_config(tmp_path / "a", fmnist_root, "checkpoint.every=0", "sample.every=0"))
-    straight.fit()
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory, fmnist_root):
+    """The final state of the uninterrupted run each stopped one is compared with (trained once)."""
+    run_dir = tmp_path_factory.mktemp("uninterrupted")
+    Trainer(_config(run_dir, fmnist_root, "checkpoint.every=0", "sample.every=0")).fit()
+    return _final_state(run_dir)
 
+
+@pytest.mark.parametrize("how", ["SIGUSR1", "SIGTERM", "file"])
+def test_stop_request_saves_and_resume_matches_uninterrupted(tmp_path, fmnist_root, uninterrupted, how):
     stopped = Trainer(_config(tmp_path / "b", fmnist_root, "checkpoint.every=0", "sample.every=0"))
 
     def request(step, terms):  # noqa: ANN001, ANN202
@@ -52,7 +57,7 @@ def test_stop_request_saves_and_resume_matches_uninterrupted(tmp_path, fmnist_ro
 
     resumed = Trainer(_config(tmp_path / "b", fmnist_root, "checkpoint.every=0", "sample.every=0")).fit()
     assert resumed.step == 6 and resumed.stopped is None
-    (model_a, _), (model_b, _) = _final_state(tmp_path / "a"), _final_state(tmp_path / "b")
+    (model_a, _), (model_b, _) = uninterrupted, _final_state(tmp_path / "b")
     _assert_equal_states(model_a, model_b)
 
 
