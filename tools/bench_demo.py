@@ -16,6 +16,7 @@ import argparse
 import statistics
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -24,7 +25,7 @@ import torch  # noqa: E402
 
 from dis_dist.config import load_config  # noqa: E402
 from dis_dist.diffusion import create_diffusion  # noqa: E402
-from dis_dist.distributed.env import init_distributed  # noqa: E402
+from dis_dist.distributed.env import DistEnv, init_distributed  # noqa: E402
 from dis_dist.distributed.registry import build_strategy  # noqa: E402
 from dis_dist.models.spec import ModelSpec  # noqa: E402
 from dis_dist.utils.cli import cli_main  # noqa: E402
@@ -35,7 +36,7 @@ SETTINGS = (("32x32, foreach AdamW (before)", 32, False), ("28x28, foreach AdamW
             ("28x28, fused AdamW (the demo)", 28, True))
 
 
-def demo_step(size: int, fused: bool, env):  # noqa: ANN001, ANN201
+def demo_step(size: int, fused: bool, env: DistEnv) -> tuple[Callable[[], None], int]:
     """One optimiser step of the demo's model and recipe on fixed random images, as a closure."""
     cfg = load_config(ROOT / "configs" / "demo_fmnist.yaml", [f"data.image_size={size}", "dist.strategy=single"])
     torch.manual_seed(0)
