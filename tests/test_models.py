@@ -235,6 +235,9 @@ _EXPLICIT_LAYOUTS = {
     "two b l k -> two b k l": lambda t: t.transpose(-1, -2),
     "b k l -> l b k": lambda t: t.permute(2, 0, 1),
     "l b d -> b d l": lambda t: t.permute(1, 2, 0),
+    "two b d l -> two (b l) d": lambda t: t.transpose(-1, -2).reshape(t.shape[0], -1, t.shape[2]),
+    "two (b l) d -> two b d l": lambda t, b: t.reshape(t.shape[0], b, -1, t.shape[-1]).transpose(-1, -2),
+    "two (b l) n -> two b n l": lambda t, b: t.reshape(t.shape[0], b, -1, t.shape[-1]).transpose(-1, -2),
 }
 
 

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 
 from dis_dist.ops.selective_scan import BACKENDS, bidirectional_selective_scan, resolve_backend, selective_scan
 from dis_dist.ops.selective_scan import cpu as cpu_backend
-from dis_dist.ops.selective_scan.cpu import depthwise_conv_cpu
+from dis_dist.ops.selective_scan.cpu import depthwise_conv_silu_cpu
 
 F64 = torch.float64
 CPU = torch.device("cpu")
@@ -150,30 +150,43 @@ def test_the_scan_keeps_only_chunk_boundaries_for_backward():
 
 
 @pytest.mark.parametrize("dtype", [F64, torch.float32])
-@pytest.mark.parametrize("reverse", [False, True])
-def test_native_conv_equals_conv1d(dtype, reverse):
-    """The mixer's depthwise conv (causal, or the reversed branch's anti-causal one with the kernel
-    flipped) on a channels-last view, values and gradients, against F.conv1d."""
+def test_native_conv_silu_equals_conv1d(dtype):
+    """The mixer's two depthwise convs with their SiLU (the causal one, and the reversed branch's
+    anti-causal one with the kernel flipped) from a channels-last view, values and gradients,
+    against F.conv1d and F.silu."""
     g = torch.Generator().manual_seed(5)
     b, d, L, K = 2, 37, 11, 4
     x = torch.randn(b, L, 2 * d, generator=g, dtype=dtype)[..., :d].transpose(1, 2).requires_grad_()
-    w = torch.randn(d, K, generator=g, dtype=dtype, requires_grad=True)
-    bias = torch.randn(d, generator=g, dtype=dtype, requires_grad=True)
-    kernel = w.flip(-1) if reverse else w
-    ref = F.conv1d(x, kernel[:, None], bias, padding=K - 1, groups=d)
-    ref = ref[..., K - 1:] if reverse else ref[..., :L]
-    out = depthwise_conv_cpu(x, w, bias, reverse=reverse)
+    w = torch.randn(2, d, K, generator=g, dtype=dtype, requires_grad=True)
+    bias = torch.randn(2, d, generator=g, dtype=dtype, requires_grad=True)
+    causal = F.conv1d(x, w[0, :, None], bias[0], padding=K - 1, groups=d)[..., :L]
+    anti = F.conv1d(x, w[1, :, None].flip(-1), bias[1], padding=K - 1, groups=d)[..., K - 1:]
+    ref = F.silu(torch.stack([causal, anti]))
+    out = depthwise_conv_silu_cpu(x, w, bias)
     tol = 1e-12 if dtype == F64 else 1e-5
-    assert out.shape == ref.shape and _rel(out, ref) <= tol
+    assert out.shape == ref.shape == (2, b, d, L) and _rel(out, ref) <= tol
+    assert out.transpose(-1, -2).is_contiguous()  # the scan's channels-last layout, as it reads it
     go = torch.randn(ref.shape, generator=g, dtype=dtype)
     grads = torch.autograd.grad((out * go).sum(), [x, w, bias])
     for a, r in zip(grads, torch.autograd.grad((ref * go).sum(), [x, w, bias])):
         assert _rel(a, r) <= tol
 
 
+def _graph_ops(t: torch.Tensor) -> set[str]:
+    """The names of the autograd nodes behind t."""
+    seen, todo = {}, [t.grad_fn]
+    while todo:
+        node = todo.pop()
+        if node is not None and id(node) not in seen:
+            seen[id(node)] = type(node).__name__
+            todo.extend(next_fn for next_fn, _ in node.next_functions)
+    return set(seen.values())
+
+
 def test_mixer_with_the_cpu_backend_equals_the_reference():
-    """BiMamba on the cpu backend (native conv, channels-last stacking, fused bidirectional scan)
-    against the reference backend, in float64: output and every parameter gradient."""
+    """BiMamba on the cpu backend (both convs and their SiLU in the native kernel, the branches'
+    projections batched, the fused bidirectional scan) against the reference backend, in
+    float64: output and every parameter gradient."""
     from dis_dist.models.mamba import BiMamba
 
     torch.manual_seed(0)
@@ -184,6 +197,7 @@ def test_mixer_with_the_cpu_backend_equals_the_reference():
         mixer.scan_backend = backend
         mixer.zero_grad()
         out = mixer(h)
+        assert ("_CpuConvSiluBackward" in _graph_ops(out)) == (backend == "cpu")
         out.square().sum().backward()
         results[backend] = (out.detach(), [p.grad.clone() for p in mixer.parameters()])
     assert _rel(results["cpu"][0], results["reference"][0]) <= 1e-12

@@ -10,6 +10,7 @@ backend runs that branch right to left.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Iterator
 
 import torch
 import torch.distributed as dist
@@ -18,9 +19,9 @@ from einops import rearrange
 from torch import Tensor, nn
 
 from dis_dist.models.layers import at_least_fp32
-from dis_dist.ops.selective_scan import arrange_directions, bidirectional_selective_scan, resolve_backend
+from dis_dist.ops.selective_scan import Directions, arrange_directions, bidirectional_selective_scan, resolve_backend
 from dis_dist.ops.selective_scan.context_parallel import cp_bidirectional_selective_scan, halo_exchange
-from dis_dist.ops.selective_scan.cpu import depthwise_conv_cpu
+from dis_dist.ops.selective_scan.cpu import depthwise_conv_silu_cpu
 
 
 class DeltaProjection(nn.Linear):
@@ -86,24 +87,18 @@ class SSMBranch(nn.Module):
         else:
             raise KeyError(f"SSMBranch has no parameter {name!r}")
 
-    def forward(
-        self, x: Tensor, reverse: bool = False, halo: Tensor | None = None, native_conv: bool = False
-    ) -> tuple[Tensor, ...]:
+    def forward(self, x: Tensor, reverse: bool = False, halo: Tensor | None = None) -> tuple[Tensor, ...]:
         """x (b, d, L) -> the scan's inputs of this direction, in sequence order: u, delta
         without bias (b, d, L), B, C (b, N, L), and A, D, the delta bias in fp32, as the
         reference DiS code casts them (new tensors: a sharded strategy may free its gathered
         parameters when this returns). ``reverse``: the branch of the reversed sequence, whose
         causal conv is an anti-causal conv with the kernel flipped. ``halo`` (b, d, d_conv - 1):
         the tokens before x (after it, ``reverse``) where x is a slice of the sequence (context
-        parallelism); zeros, the padding, otherwise. ``native_conv``: the conv runs in the native
-        CPU kernel (what the ``cpu`` scan backend brings) where the dtype allows."""
+        parallelism); zeros, the padding, otherwise."""
         length, pad = x.shape[-1], self.conv1d.kernel_size[0] - 1
         weight = self.conv1d.weight.flip(-1) if reverse else self.conv1d.weight
-        if native_conv and x.dtype in (torch.float32, torch.float64) and self.conv1d.weight.dtype == x.dtype:
-            u = depthwise_conv_cpu(x, self.conv1d.weight[:, 0], self.conv1d.bias, reverse=reverse)
-        else:
-            u = F.conv1d(x, weight, self.conv1d.bias, padding=pad, groups=x.shape[1])
-            u = u[..., pad:] if reverse else u[..., :length]
+        u = F.conv1d(x, weight, self.conv1d.bias, padding=pad, groups=x.shape[1])
+        u = u[..., pad:] if reverse else u[..., :length]
         if halo is not None:  # what the halo adds where the padding was: to the first (last) pad outputs
             edge = torch.cat([halo, torch.zeros_like(halo)] if not reverse else [torch.zeros_like(halo), halo], -1)
             from_halo = F.conv1d(edge, weight, groups=x.shape[1])  # (b, d, pad)
@@ -148,20 +143,47 @@ class BiMamba(nn.Module):
 
     def forward(self, hidden: Tensor) -> Tensor:
         x, z = rearrange(self.in_proj(hidden), "b l d -> b d l").chunk(2, dim=1)  # (b, d_inner, L) each
-        left = right = None
-        if self.cp_group is not None:
-            left, right = halo_exchange(x, self.fwd.conv1d.kernel_size[0] - 1, self.cp_group)
-        # The backward branch is computed on the sequence as it is and scanned right to left.
         backend = resolve_backend(self.scan_backend, x.device).name
-        native = backend == "cpu" and not torch.is_autocast_enabled(x.device.type)
-        # Each scan input as a (forward, backward) pair, read or stacked as the backend wants.
-        u, delta, A, B, C, D, delta_bias = arrange_directions(
-            zip(self.fwd(x, halo=left, native_conv=native), self.bwd(x, True, right, native_conv=native)), backend,
-            x.device,
-        )
         scan, group = bidirectional_selective_scan, {}
         if self.cp_group is not None:
             scan, group = cp_bidirectional_selective_scan, {"group": self.cp_group}
+            inputs = self._scan_inputs(x, backend, *halo_exchange(x, self.fwd.conv1d.kernel_size[0] - 1, self.cp_group))
+        elif backend == "cpu" and self._native_dtypes(x):
+            inputs = self._native_scan_inputs(x)
+        else:
+            inputs = self._scan_inputs(x, backend)
+        u, delta, A, B, C, D, delta_bias = inputs
         y = scan(u, delta, A, B, C, D=D, z=z, delta_bias=delta_bias, delta_softplus=True, backend=backend, **group)
         return self.out_proj(rearrange(y, "b d l -> b l d"))
 
+    def _scan_inputs(
+        self, x: Tensor, backend: str, left: Tensor | None = None, right: Tensor | None = None
+    ) -> Iterator[Directions]:
+        """Each scan input as a (forward, backward) pair, read or stacked as ``backend`` wants;
+        the backward branch computed on the sequence as it is (scanned right to left)."""
+        return arrange_directions(zip(self.fwd(x, halo=left), self.bwd(x, True, right)), backend, x.device)
+
+    def _native_dtypes(self, x: Tensor) -> bool:
+        """Whether the native CPU kernels take x and the branches' weights as they are (fp32 or
+        fp64 throughout, no autocast)."""
+        return (x.dtype in (torch.float32, torch.float64) and self.fwd.conv1d.weight.dtype == x.dtype
+                and not torch.is_autocast_enabled(x.device.type))
+
+    def _native_scan_inputs(self, x: Tensor) -> tuple[Tensor, ...]:
+        """What :meth:`SSMBranch.forward` computes, for both branches at once and written stacked
+        (2, ...) in the native CPU scan's channels-last layout: both convs and their SiLU in one
+        kernel, x_proj and dt_proj as matmuls batched over the directions, so no input is copied
+        to be stacked. u, delta (2, b, d, L); A (2, d, N); B, C (2, b, N, L); D, delta bias (2, d)."""
+        def both(get: Callable[[SSMBranch], Tensor]) -> Tensor:
+            return torch.stack([get(self.fwd), get(self.bwd)])
+
+        batch, n = x.shape[0], self.fwd.d_state
+        u = depthwise_conv_silu_cpu(x, both(lambda m: m.conv1d.weight[:, 0]), both(lambda m: m.conv1d.bias))
+        rows = rearrange(u, "two b d l -> two (b l) d")
+        x_dbl = torch.bmm(rows, both(lambda m: m.x_proj.weight).transpose(1, 2))
+        dt, B, C = x_dbl.split([self.dt_rank, n, n], dim=-1)
+        delta = torch.bmm(dt, both(lambda m: m.dt_proj.weight).transpose(1, 2))
+        delta = rearrange(delta, "two (b l) d -> two b d l", b=batch)
+        B, C = (rearrange(t.contiguous(), "two (b l) n -> two b n l", b=batch) for t in (B, C))
+        A = -torch.exp(at_least_fp32(both(lambda m: m.A_log)))
+        return u, delta, A, B, C, at_least_fp32(both(lambda m: m.D)), at_least_fp32(both(lambda m: m.dt_proj.bias))

@@ -192,27 +192,25 @@ def bidirectional_selective_scan_cpu(
     return y.to(u.dtype)
 
 
-class _CpuConv(torch.autograd.Function):
+class _CpuConvSilu(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, weight, bias, reverse: bool):  # noqa: D102
-        ctx.save_for_backward(x, weight)
-        ctx.reverse = reverse
-        return _ext().conv_forward(x, weight, bias, reverse)
+    def forward(ctx, x, weight, bias):  # noqa: D102
+        ctx.save_for_backward(x, weight, bias)
+        return _ext().conv_silu_forward(x, weight, bias)
 
     @staticmethod
     def backward(ctx, grad):  # noqa: D102
-        x, weight = ctx.saved_tensors
-        grad = grad if grad.stride(-1) == 1 else grad.contiguous()
-        gx, gw, gb = _ext().conv_backward(x, weight, grad, ctx.reverse)
-        return gx, gw, gb, None
+        return tuple(_ext().conv_silu_backward(*ctx.saved_tensors, grad.contiguous()))
 
 
-def depthwise_conv_cpu(x: Tensor, weight: Tensor, bias: Tensor, reverse: bool = False) -> Tensor:
-    """The mixer's depthwise conv over the sequence, x (b, d, L), weight (d, K), bias (d): causal
-    (output t sees x[t-K+1..t]) or, ``reverse``, the causal conv of the reversed sequence reversed
-    back (output t sees x[t..t+K-1], weight[K-1] on x[t]). Returns (b, d, L) as a view of
-    channels-last memory; fastest when x is one (unit stride over d)."""
+def depthwise_conv_silu_cpu(x: Tensor, weight: Tensor, bias: Tensor) -> Tensor:
+    """The mixer's two depthwise convs over the sequence, each followed by SiLU, in one pass:
+    x (b, d, L), weight (2, d, K), bias (2, d). Direction 0 is causal (output t sees
+    x[t-K+1..t]); direction 1 is the causal conv of the reversed sequence reversed back (output t
+    sees x[t..t+K-1], weight[1, :, K-1] on x[t]). Returns both, stacked: (2, b, d, L) as a view of
+    channels-last memory, the layout the native scan reads; fastest when x is one (unit stride
+    over d). The convs' outputs before SiLU are recomputed in the backward pass, not kept."""
     x_cl = x.transpose(1, 2)
     if x_cl.stride(-1) != 1:
         x_cl = x_cl.contiguous()
-    return _CpuConv.apply(x_cl, weight.contiguous(), bias.contiguous(), reverse).transpose(1, 2)
+    return _CpuConvSilu.apply(x_cl, weight.contiguous(), bias.contiguous()).transpose(-1, -2)

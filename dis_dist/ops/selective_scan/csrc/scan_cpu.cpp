@@ -529,56 +529,63 @@ std::vector<torch::Tensor> scan_backward(torch::Tensor u, torch::Tensor delta, t
 
 namespace {
 
+// Output t of direction dir reads x[t - (K-1-k)] (dir 0, causal) or x[t + (K-1-k)] (dir 1, the
+// reversed branch's conv: anti-causal, its kernel read backwards) through weight k.
+inline int64_t conv_source(int64_t dir, int64_t t, int64_t K, int64_t k) {
+  return dir == 1 ? t + (K - 1 - k) : t - (K - 1 - k);
+}
+
+// pre[c] = bias[c] + sum over k of w[k][c] x[src_k][c]: one output row of direction dir
 template <typename T>
-void conv_forward_rows(const T* xp, const T* wp, const T* bp, T* op, int64_t sb, int64_t sl, int64_t L,
-                       int64_t d, int64_t K, bool reverse, int64_t begin, int64_t end) {
-  for (int64_t i = begin; i < end; ++i) {
-    const int64_t b = i / L, t = i % L;
-    T* o = op + i * d;
+inline void conv_row(const T* xb, int64_t sl, const T* w, const T* bias, int64_t dir, int64_t t, int64_t L,
+                     int64_t d, int64_t K, T* pre) {
 #pragma omp simd
-    for (int64_t c = 0; c < d; ++c) o[c] = bp[c];
-    for (int64_t k = 0; k < K; ++k) {
-      const int64_t src = reverse ? t + (K - 1 - k) : t - (K - 1 - k);
-      if (src < 0 || src >= L) continue;
-      const T* xs = xp + b * sb + src * sl;
-      const T* w = wp + k * d;
+  for (int64_t c = 0; c < d; ++c) pre[c] = bias[c];
+  for (int64_t k = 0; k < K; ++k) {
+    const int64_t src = conv_source(dir, t, K, k);
+    if (src < 0 || src >= L) continue;
+    const T* xs = xb + src * sl;
+    const T* wk = w + k * d;
 #pragma omp simd
-      for (int64_t c = 0; c < d; ++c) o[c] += w[c] * xs[c];
-    }
+    for (int64_t c = 0; c < d; ++c) pre[c] += wk[c] * xs[c];
   }
 }
 
-// gw: (K + 1, d) of this thread, row K the bias's gradient
+// row[c] = silu(row[c]); with grad, row becomes grad * silu'(row) instead
 template <typename T>
-void conv_backward_rows(const T* xp, const T* gp, const T* wp, T* gxp, T* gw, int64_t sb, int64_t sl,
-                        int64_t gb, int64_t gl, int64_t L, int64_t d, int64_t K, bool reverse, int64_t begin,
-                        int64_t end) {
-  for (int64_t i = begin; i < end; ++i) {
-    const int64_t b = i / L, t = i % L;
-    const T* g = gp + b * gb + t * gl;
-    T* gxo = gxp + i * d;
-    T* gbias = gw + K * d;
+inline void silu_row(T* row, const T* grad, int64_t d) {
+  using V = typename Lanes<T>::V;
+  constexpr int W = Lanes<T>::W;
+  for (int64_t c = 0; c < d; c += W) {
+    const int valid = static_cast<int>(std::min<int64_t>(W, d - c));
+    const V x = loadv(row + c, valid);
+    const V s = sigmoid(x);
+    storev(row + c, grad ? loadv(grad + c, valid) * s * (1 + x * (1 - s)) : x * s, valid);
+  }
+}
+
+// Given the gradient g (L, d) of one direction's conv output for one batch element: adds the
+// gradient of its input to gx (L, d) and those of its weights and bias to gw ((K + 1, d), row K
+// the bias)
+template <typename T>
+void conv_backward_rows(const T* xb, int64_t sl, const T* w, const T* g_all, int64_t dir, int64_t L, int64_t d,
+                        int64_t K, T* gx, T* gw) {
+  for (int64_t t = 0; t < L; ++t) {
+    const T* g = g_all + t * d;
 #pragma omp simd
-    for (int64_t c = 0; c < d; ++c) {
-      gxo[c] = T(0);
-      gbias[c] += g[c];
-    }
+    for (int64_t c = 0; c < d; ++c) gw[K * d + c] += g[c];
     for (int64_t k = 0; k < K; ++k) {
-      // x[t] feeds output t + (K-1-k) (causal) or t - (K-1-k) (reverse) through weight k;
-      // output t reads x[t - (K-1-k)] (causal) or x[t + (K-1-k)] (reverse) through it
-      const int64_t dst = reverse ? t - (K - 1 - k) : t + (K - 1 - k);
-      const int64_t src = reverse ? t + (K - 1 - k) : t - (K - 1 - k);
-      const T* w = wp + k * d;
-      if (dst >= 0 && dst < L) {
-        const T* gd = gp + b * gb + dst * gl;
+      // output t read x[src] through weight k: x[src] gets w[k] g[t], weight k gets g[t] x[src]
+      const int64_t src = conv_source(dir, t, K, k);
+      if (src < 0 || src >= L) continue;
+      const T* xs = xb + src * sl;
+      const T* wk = w + k * d;
+      T* gxs = gx + src * d;
+      T* gwk = gw + k * d;
 #pragma omp simd
-        for (int64_t c = 0; c < d; ++c) gxo[c] += w[c] * gd[c];
-      }
-      if (src >= 0 && src < L) {
-        const T* xs = xp + b * sb + src * sl;
-        T* gwk = gw + k * d;
-#pragma omp simd
-        for (int64_t c = 0; c < d; ++c) gwk[c] += g[c] * xs[c];
+      for (int64_t c = 0; c < d; ++c) {
+        gxs[c] += wk[c] * g[c];
+        gwk[c] += g[c] * xs[c];
       }
     }
   }
@@ -586,49 +593,78 @@ void conv_backward_rows(const T* xp, const T* gp, const T* wp, T* gxp, T* gw, in
 
 }  // namespace
 
-// Depthwise conv over the sequence, channels last: x (b, L, d) with unit channel stride, weight
-// (d, K), bias (d). Causal (output t sees x[t-K+1 .. t]) or, reverse, anti-causal with the
-// kernel read backwards (output t sees x[t .. t+K-1], weight[K-1] on x[t]): the causal conv of
-// the reversed sequence, reversed back. Returns a contiguous (b, L, d).
-torch::Tensor conv_forward(torch::Tensor x, torch::Tensor weight, torch::Tensor bias, bool reverse) {
+// The mixer's two depthwise convs over the sequence, each followed by SiLU, channels last: x
+// (b, L, d) with unit channel stride, weight (2, d, K), bias (2, d); direction 0 causal (output t
+// sees x[t-K+1 .. t]), direction 1 the causal conv of the reversed sequence reversed back (output
+// t sees x[t .. t+K-1], weight[K-1] on x[t]). Returns silu(conv) of both, stacked: (2, b, L, d),
+// the scan's u.
+torch::Tensor conv_silu_forward(torch::Tensor x, torch::Tensor weight, torch::Tensor bias) {
   TORCH_CHECK(x.dim() == 3 && x.stride(2) == 1, "conv_cpu: x must be (b, L, d) with unit channel stride");
-  const int64_t batch = x.size(0), L = x.size(1), d = x.size(2), K = weight.size(1);
-  auto wt = weight.t().contiguous();  // (K, d)
+  TORCH_CHECK(weight.dim() == 3 && weight.size(0) == 2 && bias.dim() == 2, "conv_cpu: weight (2, d, K), bias (2, d)");
+  const int64_t batch = x.size(0), L = x.size(1), d = x.size(2), K = weight.size(2);
+  auto wt = weight.transpose(1, 2).contiguous();  // (2, K, d)
   auto bc = bias.contiguous();
-  auto out = torch::empty({batch, L, d}, x.options());
-  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "conv_forward", [&] {
-    at::parallel_for(0, batch * L, 16, [&](int64_t begin, int64_t end) {
-      conv_forward_rows<scalar_t>(x.data_ptr<scalar_t>(), wt.data_ptr<scalar_t>(), bc.data_ptr<scalar_t>(),
-                                  out.data_ptr<scalar_t>(), x.stride(0), x.stride(1), L, d, K, reverse, begin, end);
+  auto out = torch::empty({2, batch, L, d}, x.options());
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "conv_silu_forward", [&] {
+    const scalar_t* xp = x.data_ptr<scalar_t>();
+    const scalar_t* wp = wt.data_ptr<scalar_t>();
+    const scalar_t* bp = bc.data_ptr<scalar_t>();
+    scalar_t* op = out.data_ptr<scalar_t>();
+    at::parallel_for(0, 2 * batch * L, 16, [&](int64_t begin, int64_t end) {
+      for (int64_t i = begin; i < end; ++i) {
+        const int64_t dir = i / (batch * L), b = i / L % batch, t = i % L;
+        scalar_t* o = op + i * d;
+        conv_row(xp + b * x.stride(0), x.stride(1), wp + dir * K * d, bp + dir * d, dir, t, L, d, K, o);
+        silu_row<scalar_t>(o, nullptr, d);
+      }
     });
   });
   return out;
 }
 
-// Gradients of conv_forward: (gx (b, L, d), gweight (d, K), gbias (d)).
-std::vector<torch::Tensor> conv_backward(torch::Tensor x, torch::Tensor weight, torch::Tensor gout, bool reverse) {
-  TORCH_CHECK(x.stride(2) == 1 && gout.stride(2) == 1, "conv_cpu: unit channel stride expected");
-  const int64_t batch = x.size(0), L = x.size(1), d = x.size(2), K = weight.size(1);
-  auto wt = weight.t().contiguous();
+// Gradients of conv_silu_forward given the gradient of its output (2, b, L, d): (gx (b, L, d),
+// gweight (2, d, K), gbias (2, d)). The convs' outputs before SiLU are recomputed, not saved.
+std::vector<torch::Tensor> conv_silu_backward(torch::Tensor x, torch::Tensor weight, torch::Tensor bias,
+                                              torch::Tensor gout) {
+  TORCH_CHECK(x.stride(2) == 1 && gout.is_contiguous(), "conv_cpu: unit channel stride expected");
+  const int64_t batch = x.size(0), L = x.size(1), d = x.size(2), K = weight.size(2);
+  auto wt = weight.transpose(1, 2).contiguous();  // (2, K, d)
+  auto bc = bias.contiguous();
   auto gx = torch::empty({batch, L, d}, x.options());
   const int64_t nthreads = at::get_num_threads();
-  auto gw_parts = torch::zeros({nthreads, K + 1, d}, x.options());  // row K: the bias
-  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "conv_backward", [&] {
-    at::parallel_for(0, batch * L, 16, [&](int64_t begin, int64_t end) {
+  auto gw_parts = torch::zeros({nthreads, 2, K + 1, d}, x.options());  // row K: the bias
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "conv_silu_backward", [&] {
+    const scalar_t* xp = x.data_ptr<scalar_t>();
+    const scalar_t* wp = wt.data_ptr<scalar_t>();
+    const scalar_t* bp = bc.data_ptr<scalar_t>();
+    const scalar_t* gp = gout.data_ptr<scalar_t>();
+    at::parallel_for(0, batch, 1, [&](int64_t begin, int64_t end) {
       const int64_t tid = std::min<int64_t>(at::get_thread_num(), nthreads - 1);
-      conv_backward_rows<scalar_t>(x.data_ptr<scalar_t>(), gout.data_ptr<scalar_t>(), wt.data_ptr<scalar_t>(),
-                                   gx.data_ptr<scalar_t>(), gw_parts.data_ptr<scalar_t>() + tid * (K + 1) * d,
-                                   x.stride(0), x.stride(1), gout.stride(0), gout.stride(1), L, d, K, reverse,
-                                   begin, end);
+      std::vector<scalar_t> gpre(L * d);  // the gradient of one direction's conv output
+      for (int64_t b = begin; b < end; ++b) {
+        const scalar_t* xb = xp + b * x.stride(0);
+        scalar_t* gxb = gx.data_ptr<scalar_t>() + b * L * d;
+        std::fill(gxb, gxb + L * d, scalar_t(0));
+        for (int64_t dir = 0; dir < 2; ++dir) {
+          const scalar_t* w = wp + dir * K * d;
+          scalar_t* gw = gw_parts.data_ptr<scalar_t>() + (tid * 2 + dir) * (K + 1) * d;
+          for (int64_t t = 0; t < L; ++t) {
+            scalar_t* g = gpre.data() + t * d;
+            conv_row(xb, x.stride(1), w, bp + dir * d, dir, t, L, d, K, g);
+            silu_row(g, gp + ((dir * batch + b) * L + t) * d, d);
+          }
+          conv_backward_rows(xb, x.stride(1), w, gpre.data(), dir, L, d, K, gxb, gw);
+        }
+      }
     });
   });
-  auto gsum = gw_parts.sum(0);
-  return {gx, gsum.slice(0, 0, K).t().contiguous(), gsum[K].contiguous()};
+  auto gsum = gw_parts.sum(0);  // (2, K + 1, d)
+  return {gx, gsum.slice(1, 0, K).transpose(1, 2).contiguous(), gsum.select(1, K).contiguous()};
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("scan_forward", &scan_forward, "selective scan forward (channels last)");
   m.def("scan_backward", &scan_backward, "selective scan backward (channels last)");
-  m.def("conv_forward", &conv_forward, "depthwise causal conv1d forward (channels last)");
-  m.def("conv_backward", &conv_backward, "depthwise causal conv1d backward (channels last)");
+  m.def("conv_silu_forward", &conv_silu_forward, "the mixer's two depthwise convs + SiLU (channels last)");
+  m.def("conv_silu_backward", &conv_silu_backward, "gradients of conv_silu_forward");
 }
