@@ -142,7 +142,9 @@ class BiMamba(nn.Module):
         self.cp_group: dist.ProcessGroup | None = None
 
     def forward(self, hidden: Tensor) -> Tensor:
-        x, z = rearrange(self.in_proj(hidden), "b l d -> b d l").chunk(2, dim=1)  # (b, d_inner, L) each
+        # x and z (b, d_inner, L) by a matmul each: their gradients then reach in_proj's weight and
+        # input as they are, not concatenated into one (b, L, 2 d_inner) gradient and copied again.
+        x, z = (rearrange(F.linear(hidden, w), "b l d -> b d l") for w in self.in_proj.weight.chunk(2))
         backend = resolve_backend(self.scan_backend, x.device).name
         scan, group = bidirectional_selective_scan, {}
         if self.cp_group is not None:

@@ -1,4 +1,4 @@
-"""Native CPU selective scan (C++, ``csrc/scan_cpu.cpp``) and the mixer's depthwise causal conv.
+"""Native CPU selective scan (C++, ``csrc/scan_cpu.cpp``) and the mixer's depthwise convs + SiLU.
 
 Built on first use with ``torch.utils.cpp_extension.load`` into ``$TORCH_EXTENSIONS_DIR`` (the
 cache the Makefile also gives DeepSpeed's ops; about half a minute, once per machine type), for the

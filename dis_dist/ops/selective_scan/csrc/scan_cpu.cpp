@@ -1,4 +1,4 @@
-// Native CPU selective scan (and the mixer's depthwise causal conv), built on first use by
+// Native CPU selective scan (and the mixer's depthwise convs with their SiLU), built on first use by
 // dis_dist/ops/selective_scan/cpu.py. Semantics: dis_dist/ops/selective_scan/reference.py.
 //
 // Layout: channels last, as the mixer's projections produce them. u, delta (ndir, b, L, d);
@@ -10,7 +10,9 @@
 // N x W states in a local array the compiler holds in registers, so a step never writes state
 // to memory. The forward pass saves the states at chunk boundaries only; the backward pass
 // recomputes a chunk's states (and decays) from its boundary into a small buffer and runs the
-// reverse recurrence through it, last chunk first.
+// reverse recurrence through it, last chunk first. The gradients of B and C, sums over the
+// channels, are kept as vectors over a thread's channel blocks and summed across lanes once per
+// batch element.
 #include <torch/extension.h>
 
 #include <ATen/Parallel.h>
@@ -274,10 +276,14 @@ struct GradPtrs {
   T *gu, *gdelta, *gA, *gB, *gC, *gD, *gbias, *gz, *gh0;  // gB, gC: this thread's part
 };
 
-// Backward pass for the block of channels c0 .. c0 + W, every batch element and direction.
+// Backward pass for batch element b, the block of channels c0 .. c0 + W, every direction. The
+// gradients of B and C (sums over channels) are added, still as vectors of W channels, to
+// accB, accC ((ndir, L, N) vectors): the caller sums their lanes once the thread's channel
+// blocks are done, not once per block.
 template <typename T, int NT>
-void scan_backward_block(const Args<T>& a, int64_t c0, const GradPtrs<T>& g_,
-                         std::vector<typename Lanes<T>::V>& buf) {
+void scan_backward_block(const Args<T>& a, int64_t b, int64_t c0, const GradPtrs<T>& g_,
+                         std::vector<typename Lanes<T>::V>& buf, typename Lanes<T>::V* accB,
+                         typename Lanes<T>::V* accC) {
   using V = typename Lanes<T>::V;
   constexpr int W = Lanes<T>::W;
   constexpr int kN = NT > 0 ? NT : kMaxState;
@@ -295,112 +301,110 @@ void scan_backward_block(const Args<T>& a, int64_t c0, const GradPtrs<T>& g_,
   V* ytot = slopes + CH;
   V Ab[kN], g[kN], gA[kN];
 
-  for (int64_t b = 0; b < a.batch; ++b) {
-    for (int64_t t = 0; t < a.L; ++t) ytot[t] = V{};
-    for (int64_t dir = 0; dir < a.ndir; ++dir) {
-      for (int n = 0; n < N; ++n) {
-        Ab[n] = loadv(a.A + (dir * N + n) * a.d + c0, valid);
-        g[n] = g_.glast ? loadv(g_.glast + ((dir * a.batch + b) * N + n) * a.d + c0, valid) : V{};
-        gA[n] = b == 0 ? V{} : loadv(g_.gA + (dir * N + n) * a.d + c0, valid);
-      }
-      const V bias = loadv(a.bias + dir * a.d + c0, valid);
-      const V Dd = loadv(a.D + dir * a.d + c0, valid);
-      V gbias = b == 0 ? V{} : loadv(g_.gbias + dir * a.d + c0, valid);
-      V gD = b == 0 ? V{} : loadv(g_.gD + dir * a.d + c0, valid);
-      for (int64_t c = a.nchunks - 1; c >= 0; --c) {
-        const int64_t s0 = c * CH;
-        const int64_t len = std::min<int64_t>(CH, a.L - s0);
-        // recompute the chunk's states from its boundary
-        const T* bp = g_.bounds + (((dir * a.batch + b) * a.nchunks + c) * N) * a.d + c0;
-        for (int n = 0; n < N; ++n) states[n] = loadv(bp + n * a.d, valid);
-        for (int64_t i = 0; i < len; ++i) {
-          const int64_t t = a.pos(dir, s0 + i);
-          const int64_t row = a.row(dir, b, t);
-          if (i + kAhead < len) {
-            const int64_t ahead = a.row(dir, b, a.pos(dir, s0 + i + kAhead));
-            prefetch_row(a.u, ahead, a.d, c0);
-            prefetch_row(a.delta, ahead, a.d, c0);
-          }
-          const V uu = loadv(a.u + row * a.d + c0, valid);
-          const V raw = loadv(a.delta + row * a.d + c0, valid) + bias;
-          const V dt = a.softplus ? softplus(raw, slopes[i]) : raw;
-          const V du = dt * uu;
-          dts[i] = dt;
-          dus[i] = du;
-          V y = Dd * uu;
-          const T* Bt = a.B + row * N;
-          const T* Ct = a.C + row * N;
-          const V* hp = states + i * N;
-          V* hn = states + (i + 1) * N;
-          V* dA = decays + i * N;
-#pragma GCC unroll 16
-          for (int n = 0; n < N; ++n) {
-            dA[n] = vexp(dt * Ab[n]);
-            hn[n] = dA[n] * hp[n] + du * Bt[n];
-            y += hn[n] * Ct[n];
-          }
-          ytot[t] += y;
-        }
-        // the reverse recurrence through the chunk
-        for (int64_t i = len - 1; i >= 0; --i) {
-          const int64_t t = a.pos(dir, s0 + i);
-          const int64_t row = a.row(dir, b, t);
-          if (s0 + i >= kAhead) {
-            const int64_t t_ahead = a.pos(dir, s0 + i - kAhead);
-            prefetch_row(g_.gout, b * a.L + t_ahead, a.d, c0);
-            if (a.z) prefetch_row(a.z, b * a.L + t_ahead, a.d, c0);
-            if (i >= kAhead) {
-              prefetch_row(a.u, a.row(dir, b, t_ahead), a.d, c0);
-            }
-          }
-          V gy = loadv(g_.gout + (b * a.L + t) * a.d + c0, valid);
-          if (a.z) {
-            const V zz = loadv(a.z + (b * a.L + t) * a.d + c0, valid);
-            gy *= zz * sigmoid(zz);
-          }
-          const V uu = loadv(a.u + row * a.d + c0, valid);
-          const V dt = dts[i], du = dus[i];
-          const T* Bt = a.B + row * N;
-          const T* Ct = a.C + row * N;
-          const V* hp = states + i * N;
-          const V* hn = states + (i + 1) * N;
-          const V* dA = decays + i * N;
-          V gBu{}, gdt{}, sB[kN], sC[kN];
-#pragma GCC unroll 16
-          for (int n = 0; n < N; ++n) {
-            const V gn = g[n] + gy * Ct[n];  // dL/d(state after the step)
-            sC[n] = gy * hn[n];
-            sB[n] = gn * du;
-            gBu += gn * Bt[n];
-            g[n] = gn * dA[n];
-            const V q = g[n] * hp[n];  // dL/d(delta A)
-            gdt += q * Ab[n];
-            gA[n] += q * dt;
-          }
-          add_lane_sums<T, V, NT>(g_.gB + row * N, sB, N);
-          add_lane_sums<T, V, NT>(g_.gC + row * N, sC, N);
-          V graw = gdt + gBu * uu;
-          if (a.softplus) graw *= slopes[i];
-          storev(g_.gdelta + row * a.d + c0, graw, valid);
-          storev(g_.gu + row * a.d + c0, gBu * dt + gy * Dd, valid);
-          gbias += graw;
-          gD += gy * uu;
-        }
-      }
-      for (int n = 0; n < N; ++n) {
-        storev(g_.gh0 + ((dir * a.batch + b) * N + n) * a.d + c0, g[n], valid);
-        storev(g_.gA + (dir * N + n) * a.d + c0, gA[n], valid);
-      }
-      storev(g_.gbias + dir * a.d + c0, gbias, valid);
-      storev(g_.gD + dir * a.d + c0, gD, valid);
+  for (int64_t t = 0; t < a.L; ++t) ytot[t] = V{};
+  for (int64_t dir = 0; dir < a.ndir; ++dir) {
+    for (int n = 0; n < N; ++n) {
+      Ab[n] = loadv(a.A + (dir * N + n) * a.d + c0, valid);
+      g[n] = g_.glast ? loadv(g_.glast + ((dir * a.batch + b) * N + n) * a.d + c0, valid) : V{};
+      gA[n] = b == 0 ? V{} : loadv(g_.gA + (dir * N + n) * a.d + c0, valid);
     }
-    if (g_.gz) {
-      for (int64_t t = 0; t < a.L; ++t) {
-        const V go = loadv(g_.gout + (b * a.L + t) * a.d + c0, valid);
-        const V zz = loadv(a.z + (b * a.L + t) * a.d + c0, valid);
-        const V sg = sigmoid(zz);
-        storev(g_.gz + (b * a.L + t) * a.d + c0, go * ytot[t] * sg * (1 + zz * (1 - sg)), valid);
+    const V bias = loadv(a.bias + dir * a.d + c0, valid);
+    const V Dd = loadv(a.D + dir * a.d + c0, valid);
+    V gbias = b == 0 ? V{} : loadv(g_.gbias + dir * a.d + c0, valid);
+    V gD = b == 0 ? V{} : loadv(g_.gD + dir * a.d + c0, valid);
+    for (int64_t c = a.nchunks - 1; c >= 0; --c) {
+      const int64_t s0 = c * CH;
+      const int64_t len = std::min<int64_t>(CH, a.L - s0);
+      // recompute the chunk's states from its boundary
+      const T* bp = g_.bounds + (((dir * a.batch + b) * a.nchunks + c) * N) * a.d + c0;
+      for (int n = 0; n < N; ++n) states[n] = loadv(bp + n * a.d, valid);
+      for (int64_t i = 0; i < len; ++i) {
+        const int64_t t = a.pos(dir, s0 + i);
+        const int64_t row = a.row(dir, b, t);
+        if (i + kAhead < len) {
+          const int64_t ahead = a.row(dir, b, a.pos(dir, s0 + i + kAhead));
+          prefetch_row(a.u, ahead, a.d, c0);
+          prefetch_row(a.delta, ahead, a.d, c0);
+        }
+        const V uu = loadv(a.u + row * a.d + c0, valid);
+        const V raw = loadv(a.delta + row * a.d + c0, valid) + bias;
+        const V dt = a.softplus ? softplus(raw, slopes[i]) : raw;
+        const V du = dt * uu;
+        dts[i] = dt;
+        dus[i] = du;
+        V y = Dd * uu;
+        const T* Bt = a.B + row * N;
+        const T* Ct = a.C + row * N;
+        const V* hp = states + i * N;
+        V* hn = states + (i + 1) * N;
+        V* dA = decays + i * N;
+#pragma GCC unroll 16
+        for (int n = 0; n < N; ++n) {
+          dA[n] = vexp(dt * Ab[n]);
+          hn[n] = dA[n] * hp[n] + du * Bt[n];
+          y += hn[n] * Ct[n];
+        }
+        ytot[t] += y;
       }
+      // the reverse recurrence through the chunk
+      for (int64_t i = len - 1; i >= 0; --i) {
+        const int64_t t = a.pos(dir, s0 + i);
+        const int64_t row = a.row(dir, b, t);
+        if (s0 + i >= kAhead) {
+          const int64_t t_ahead = a.pos(dir, s0 + i - kAhead);
+          prefetch_row(g_.gout, b * a.L + t_ahead, a.d, c0);
+          if (a.z) prefetch_row(a.z, b * a.L + t_ahead, a.d, c0);
+          if (i >= kAhead) {
+            prefetch_row(a.u, a.row(dir, b, t_ahead), a.d, c0);
+          }
+        }
+        V gy = loadv(g_.gout + (b * a.L + t) * a.d + c0, valid);
+        if (a.z) {
+          const V zz = loadv(a.z + (b * a.L + t) * a.d + c0, valid);
+          gy *= zz * sigmoid(zz);
+        }
+        const V uu = loadv(a.u + row * a.d + c0, valid);
+        const V dt = dts[i], du = dus[i];
+        const T* Bt = a.B + row * N;
+        const T* Ct = a.C + row * N;
+        const V* hp = states + i * N;
+        const V* hn = states + (i + 1) * N;
+        const V* dA = decays + i * N;
+        V gBu{}, gdt{};
+        V* sB = accB + (dir * a.L + t) * N;
+        V* sC = accC + (dir * a.L + t) * N;
+#pragma GCC unroll 16
+        for (int n = 0; n < N; ++n) {
+          const V gn = g[n] + gy * Ct[n];  // dL/d(state after the step)
+          sC[n] += gy * hn[n];
+          sB[n] += gn * du;
+          gBu += gn * Bt[n];
+          g[n] = gn * dA[n];
+          const V q = g[n] * hp[n];  // dL/d(delta A)
+          gdt += q * Ab[n];
+          gA[n] += q * dt;
+        }
+        V graw = gdt + gBu * uu;
+        if (a.softplus) graw *= slopes[i];
+        storev(g_.gdelta + row * a.d + c0, graw, valid);
+        storev(g_.gu + row * a.d + c0, gBu * dt + gy * Dd, valid);
+        gbias += graw;
+        gD += gy * uu;
+      }
+    }
+    for (int n = 0; n < N; ++n) {
+      storev(g_.gh0 + ((dir * a.batch + b) * N + n) * a.d + c0, g[n], valid);
+      storev(g_.gA + (dir * N + n) * a.d + c0, gA[n], valid);
+    }
+    storev(g_.gbias + dir * a.d + c0, gbias, valid);
+    storev(g_.gD + dir * a.d + c0, gD, valid);
+  }
+  if (g_.gz) {
+    for (int64_t t = 0; t < a.L; ++t) {
+      const V go = loadv(g_.gout + (b * a.L + t) * a.d + c0, valid);
+      const V zz = loadv(a.z + (b * a.L + t) * a.d + c0, valid);
+      const V sg = sigmoid(zz);
+      storev(g_.gz + (b * a.L + t) * a.d + c0, go * ytot[t] * sg * (1 + zz * (1 - sg)), valid);
     }
   }
 }
@@ -519,8 +523,21 @@ std::vector<torch::Tensor> scan_backward(torch::Tensor u, torch::Tensor delta, t
                              gB_parts.data_ptr<scalar_t>() + tid * part, gC_parts.data_ptr<scalar_t>() + tid * part,
                              gD.data_ptr<scalar_t>(), gbias.data_ptr<scalar_t>(),
                              z ? gz.data_ptr<scalar_t>() : nullptr, gh0.data_ptr<scalar_t>()};
-        std::vector<typename Lanes<scalar_t>::V> buf;
-        for (int64_t i = begin; i < end; ++i) scan_backward_block<scalar_t, NT>(a, i * W, p, buf);
+        using V = typename Lanes<scalar_t>::V;
+        std::vector<V> buf, accB(ndir * L * N), accC(ndir * L * N);
+        for (int64_t b = 0; b < batch; ++b) {
+          for (int64_t i = begin; i < end; ++i)
+            scan_backward_block<scalar_t, NT>(a, b, i * W, p, buf, accB.data(), accC.data());
+          for (int64_t dir = 0; dir < ndir; ++dir) {
+            for (int64_t t = 0; t < L; ++t) {
+              const int64_t at = (dir * L + t) * N, row = a.row(dir, b, t);
+              add_lane_sums<scalar_t, V, NT>(p.gB + row * N, accB.data() + at, N);
+              add_lane_sums<scalar_t, V, NT>(p.gC + row * N, accC.data() + at, N);
+              std::fill(accB.begin() + at, accB.begin() + at + N, V{});
+              std::fill(accC.begin() + at, accC.begin() + at + N, V{});
+            }
+          }
+        }
       });
     });
   });
