@@ -122,6 +122,10 @@ class BiMamba(nn.Module):
     their halo from the neighbouring slices and the scan its incoming states from the ranks
     before it in each direction (dis_dist/ops/selective_scan/context_parallel.py)."""
 
+    # Whether the cpu backend takes the fused path (:meth:`_native_scan_inputs`) where the dtypes
+    # allow; off, the generic one (tools/bench_demo.py times both).
+    native_cpu: bool = True
+
     def __init__(
         self,
         d_model: int,
@@ -150,7 +154,7 @@ class BiMamba(nn.Module):
         if self.cp_group is not None:
             scan, group = cp_bidirectional_selective_scan, {"group": self.cp_group}
             inputs = self._scan_inputs(x, backend, *halo_exchange(x, self.fwd.conv1d.kernel_size[0] - 1, self.cp_group))
-        elif backend == "cpu" and self._native_dtypes(x):
+        elif backend == "cpu" and self.native_cpu and self._native_dtypes(x):
             inputs = self._native_scan_inputs(x)
         else:
             inputs = self._scan_inputs(x, backend)
