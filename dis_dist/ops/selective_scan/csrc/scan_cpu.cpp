@@ -318,21 +318,17 @@ void scan_backward_block(const Args<T>& a, int64_t b, int64_t c0, const GradPtrs
       // recompute the chunk's states from its boundary
       const T* bp = g_.bounds + (((dir * a.batch + b) * a.nchunks + c) * N) * a.d + c0;
       for (int n = 0; n < N; ++n) states[n] = loadv(bp + n * a.d, valid);
+      for (int64_t i = 0; i < len; ++i) {  // the chunk's deltas first, as in the forward pass
+        const int64_t row = a.row(dir, b, a.pos(dir, s0 + i));
+        const V raw = loadv(a.delta + row * a.d + c0, valid) + bias;
+        dts[i] = a.softplus ? softplus(raw, slopes[i]) : raw;
+        dus[i] = dts[i] * loadv(a.u + row * a.d + c0, valid);
+      }
       for (int64_t i = 0; i < len; ++i) {
         const int64_t t = a.pos(dir, s0 + i);
         const int64_t row = a.row(dir, b, t);
-        if (i + kAhead < len) {
-          const int64_t ahead = a.row(dir, b, a.pos(dir, s0 + i + kAhead));
-          prefetch_row(a.u, ahead, a.d, c0);
-          prefetch_row(a.delta, ahead, a.d, c0);
-        }
-        const V uu = loadv(a.u + row * a.d + c0, valid);
-        const V raw = loadv(a.delta + row * a.d + c0, valid) + bias;
-        const V dt = a.softplus ? softplus(raw, slopes[i]) : raw;
-        const V du = dt * uu;
-        dts[i] = dt;
-        dus[i] = du;
-        V y = Dd * uu;
+        const V dt = dts[i], du = dus[i];
+        V y = Dd * loadv(a.u + row * a.d + c0, valid);
         const T* Bt = a.B + row * N;
         const T* Ct = a.C + row * N;
         const V* hp = states + i * N;
