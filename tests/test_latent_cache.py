@@ -363,8 +363,10 @@ def test_fmnist_array_path_writes_the_pil_paths_bytes(tmp_path, monkeypatch):
         return source
 
     monkeypatch.setattr(sources, "fashion_mnist", without_arrays)
-    monkeypatch.setattr(PixelEncoder, "encode_uint8",
-                        lambda self, images, generator=None: self.encode(to_tensor(list(map(Image.fromarray, images)))).numpy())
+    def through_pil_and_torch(self, images, generator=None):
+        return self.encode(to_tensor([Image.fromarray(im) for im in images])).numpy()
+
+    monkeypatch.setattr(PixelEncoder, "encode_uint8", through_pil_and_torch)
     monkeypatch.setattr(encode_module, "build_shard", tar._build_shard_tarwriter)
     for res in (28, 32):
         slow = _encode("--input", str(root), "--output", str(tmp_path / f"slow{res}"), "--vae", "pixels",
