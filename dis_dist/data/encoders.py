@@ -16,7 +16,7 @@ from dis_dist.errors import DataError
 
 def arrays_to_tensor(arrays: np.ndarray) -> Tensor:
     """uint8 images (n, H, W) or (n, H, W, C) -> float (n, C, H, W) in [-1, 1]."""
-    x = torch.from_numpy(np.ascontiguousarray(arrays))
+    x = torch.from_numpy(np.array(arrays, order="C"))  # a copy: the arrays may be read-only views
     x = x[:, None] if x.ndim == 3 else x.permute(0, 3, 1, 2)
     return x.float().div_(127.5).sub_(1.0)
 
