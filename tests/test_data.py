@@ -117,3 +117,86 @@ def test_random_flip_flips_some_images():
 def test_loader_rejects_too_small_dataset():
     with pytest.raises(DataError, match="fewer than one micro-batch"):
         BatchLoader(_dataset(10), 8, seed=0, world_size=2)
+
+
+# -- the encoder's fast paths: the same bytes as the general ones --------------------------------
+
+def test_build_shard_writes_tarwriters_bytes():
+    """Headers filled in directly: the same bytes as webdataset's TarWriter, with and without
+    flips; keys a ustar header cannot hold (long, non-ASCII) go through TarWriter itself."""
+    from webdataset import TarWriter
+
+    from dis_dist.data.tar import build_shard, tar_members
+
+    def reference(samples):
+        import io
+
+        buf = io.BytesIO()
+        with TarWriter(buf, encoder=False, mtime=0) as tar:
+            for s in samples:
+                sample = {"__key__": s["key"], "cls": str(int(s["cls"])).encode()}
+                for name in ("latent", "latent_flip"):
+                    if s.get(name) is not None:
+                        out = io.BytesIO()
+                        np.save(out, s[name], allow_pickle=False)
+                        sample[f"{name}.npy"] = out.getvalue()
+                tar.write(sample)
+        return buf.getvalue()
+
+    rng = np.random.default_rng(0)
+    for keys in ([f"{i:09d}" for i in range(37)], ["k" * 84, "x"], ["k" * 85], ["caf\u00e9"]):
+        samples = [{"key": k, "cls": int(rng.integers(1000)),
+                    "latent": rng.standard_normal((int(rng.integers(1, 4)), 5, 7)).astype(np.float16),
+                    "latent_flip": rng.standard_normal((2, 3)).astype(np.float32) if i % 2 else None}
+                   for i, k in enumerate(keys)]
+        data = build_shard(samples)
+        assert data == reference(samples)
+        assert len(list(tar_members(memoryview(data)))) == sum(3 if i % 2 else 2 for i in range(len(keys)))
+
+
+def test_npy_bytes_are_np_saves():
+    import io
+
+    from dis_dist.data.tar import _npy, npy_array
+
+    for array in (np.zeros((3, 4), np.float32), np.arange(7), np.float16(3.5) * np.ones(()),
+                  np.ones((2, 3, 4))[:, ::2], np.asfortranarray(np.ones((3, 5))), np.ones((2, 28, 28), ">f4")):
+        buf = io.BytesIO()
+        np.save(buf, array, allow_pickle=False)
+        assert _npy(array) == buf.getvalue()
+        if not np.isfortran(array):  # the reader takes C order only, what the encoder writes
+            np.testing.assert_array_equal(npy_array(_npy(array)), array)
+
+
+def test_pixel_encoder_table_is_the_tensor_paths_values():
+    """The lookup table gives the bits of encode(to_tensor(...)) for every pixel value, in
+    (n, H, W) and (n, H, W, C) layouts."""
+    from PIL import Image
+
+    from dis_dist.data.encoders import PixelEncoder, to_tensor
+
+    enc = PixelEncoder()
+    rng = np.random.default_rng(0)
+    gray = np.concatenate([np.arange(256, dtype=np.uint8).reshape(4, 8, 8),
+                           rng.integers(0, 256, (3, 8, 8), dtype=np.uint8)])
+    rgb = rng.integers(0, 256, (5, 6, 7, 3), dtype=np.uint8)
+    for images in (gray, rgb):
+        fast = enc.encode_uint8(images)
+        slow = enc.encode(to_tensor([Image.fromarray(im) for im in images])).numpy()
+        assert fast.dtype == np.float16 and fast.shape == slow.shape and fast.flags.c_contiguous
+        assert fast.tobytes() == slow.tobytes()
+
+
+def test_pad_array_is_pad_to():
+    from PIL import Image
+
+    from dis_dist.data.sources import pad_array, pad_to
+
+    rng = np.random.default_rng(0)
+    for shape in ((28, 28), (28, 27), (5, 9, 3)):
+        image = rng.integers(1, 256, shape, dtype=np.uint8)
+        for size in (28, 29, 32):
+            if max(shape[:2]) <= size:
+                assert np.array_equal(pad_array(image, size), np.asarray(pad_to(Image.fromarray(image), size)))
+    with pytest.raises(DataError, match="does not fit"):
+        pad_array(np.zeros((30, 28), np.uint8), 28)

@@ -170,6 +170,22 @@ def test_samplers_recover_a_point_mass(sampler):
     assert torch.allclose(out, target.expand_as(out), atol=tol)
 
 
+def test_deterministic_ddim_draws_no_noise():
+    """DDIM with eta 0 adds sigma * z = 0: no noise is drawn (the generators are untouched) and
+    the samples are bit for bit those of a loop that draws it (eta 1e-300: sigma * z vanishes
+    in the sum)."""
+    d = create_diffusion("ddim10")
+    model = _Oracle(d, torch.full((1, 1, 2, 2), 0.3, dtype=torch.float64))
+    noise = torch.randn(3, 1, 2, 2, dtype=torch.float64)
+    gens = [torch.Generator().manual_seed(i) for i in range(3)]
+    states = [g.get_state() for g in gens]
+    fast = sample(model, d, noise, sampler="ddim", ddim_eta=0.0, generator=gens)
+    assert all(torch.equal(g.get_state(), s) for g, s in zip(gens, states))
+    drawn = sample(model, d, noise, sampler="ddim", ddim_eta=1e-300, generator=gens)
+    assert not all(torch.equal(g.get_state(), s) for g, s in zip(gens, states))
+    assert torch.equal(fast, drawn)
+
+
 def test_sampling_is_deterministic_given_the_generator():
     d = create_diffusion("10")
     model = _Oracle(d, torch.zeros(1, 1, 2, 2))

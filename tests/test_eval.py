@@ -92,6 +92,18 @@ def test_precision_recall() -> None:
     assert precision == 1.0 and recall < 0.3
 
 
+def test_kth_neighbour_radii_are_the_sorted_distances() -> None:
+    """Each row's distance to its k-th nearest other row, ties included (points on a grid),
+    across batch boundaries."""
+    from dis_dist.eval.metrics import _kth_neighbour_radii
+
+    rng = np.random.default_rng(0)
+    for points in (rng.integers(0, 3, size=(50, 2)).astype(np.float32), rng.normal(size=(60, 8)).astype(np.float32)):
+        x = torch.from_numpy(points)
+        expected = torch.cdist(x, x).sort(dim=1).values[:, 3]
+        assert torch.equal(_kth_neighbour_radii(x, 3, batch=16), expected)
+
+
 # -- Inception ----------------------------------------------------------------------------------
 
 def test_inception_features_have_the_standard_shapes() -> None:

@@ -51,9 +51,9 @@ class _FailingEvaluator:
     calls: list[int] = []
 
     def __init__(self, *args, **kwargs) -> None:
-        pass
+        self.kept = None
 
-    def __call__(self, model, diffusion, collective=False):
+    def __call__(self, model, diffusion, collective=False, keep=0):
         import numpy as np
 
         _FailingEvaluator.calls.append(1)

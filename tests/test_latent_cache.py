@@ -3,6 +3,7 @@ locally and against a real S3 endpoint (moto_server on 127.0.0.1)."""
 
 from __future__ import annotations
 
+import dataclasses
 import shutil
 import subprocess
 import sys
@@ -235,13 +236,13 @@ def test_encode_resumes_without_reencoding(image_folder, tmp_path, monkeypatch):
     from dis_dist.data.encoders import PixelEncoder
 
     calls = []
-    original = PixelEncoder.encode
+    original = PixelEncoder.encode_uint8
 
     def counting(self, x, generator=None):
         calls.append(len(x))
         return original(self, x, generator)
 
-    monkeypatch.setattr(PixelEncoder, "encode", counting)
+    monkeypatch.setattr(PixelEncoder, "encode_uint8", counting)
     written = []
     real_write = encode_module.write_shard
 
@@ -334,6 +335,44 @@ def test_fmnist_pixels_cache_trains(fmnist_root, tmp_path):
     ])
     fit = Trainer(cfg).fit()
     assert fit.step == 2 and np.isfinite(fit.final_loss) and fit.samples_png.is_file()
+
+
+def test_fmnist_array_path_writes_the_pil_paths_bytes(tmp_path, monkeypatch):
+    """Fashion-MNIST items encode from their arrays (no PIL, a lookup table, headers filled in
+    directly): the shards are byte for byte those of the PIL + torch + TarWriter path, padded
+    (31: unequal margins) or not (28)."""
+    from dis_dist.data import encode as encode_module
+    from dis_dist.data import sources, tar
+    from dis_dist.data.encoders import PixelEncoder, to_tensor
+    from tests.test_data import _write_idx
+
+    rng = np.random.default_rng(0)
+    root = tmp_path / "fm"
+    root.mkdir()
+    _write_idx(root / "train-images-idx3-ubyte.gz", rng.integers(0, 256, (23, 28, 28)))
+    _write_idx(root / "train-labels-idx1-ubyte.gz", rng.integers(0, 10, 23))
+    fast = {res: _encode("--input", str(root), "--output", str(tmp_path / f"fast{res}"), "--vae", "pixels",
+                         "--resolution", str(res), "--shard-size", "10", "--batch-size", "4") for res in (28, 31)}
+
+    real_source = sources.fashion_mnist
+
+    def without_arrays(*args, **kwargs):
+        source = real_source(*args, **kwargs)
+        units = source.units
+        source.units = [lambda u=u: (dataclasses.replace(it, array=None) for it in u()) for u in units]
+        return source
+
+    monkeypatch.setattr(sources, "fashion_mnist", without_arrays)
+    def through_pil_and_torch(self, images, generator=None):
+        return self.encode(to_tensor([Image.fromarray(im) for im in images])).numpy()
+
+    monkeypatch.setattr(PixelEncoder, "encode_uint8", through_pil_and_torch)
+    monkeypatch.setattr(encode_module, "build_shard", tar._build_shard_tarwriter)
+    for res in (28, 31):
+        slow = _encode("--input", str(root), "--output", str(tmp_path / f"slow{res}"), "--vae", "pixels",
+                       "--resolution", str(res), "--shard-size", "10", "--batch-size", "4")
+        assert slow.manifest.total_samples == 23 and len(slow.manifest.shards) == 3
+        assert slow.manifest.shards == fast[res].manifest.shards  # names, sizes and sha256 of the bytes
 
 
 # -- S3 ---------------------------------------------------------------------------------------

@@ -151,6 +151,31 @@ def test_schedules():
 
 
 @pytest.mark.slow
+def test_a_grid_due_with_an_evaluation_is_its_first_samples(tmp_path, fmnist_root, classifier, monkeypatch):
+    """At a step with both, the evaluation runs first and keeps its first sample.num images for
+    the grid (the same settings and sample indices): the grid is not drawn again, and it is the
+    grid sample_grid draws."""
+    import numpy as np
+
+    drawn: list[int] = []
+    real_grid = Trainer.sample_grid
+
+    def counting_grid(self):
+        drawn.append(self.step)
+        return real_grid(self)
+
+    monkeypatch.setattr(Trainer, "sample_grid", counting_grid)
+    cfg = _config(tmp_path, fmnist_root, "train.steps=4", "sample.every=2", "sample.batch_size=4",
+                  "eval.every=4", "eval.num_samples=6", "eval.features=fmnist", f"eval.weights={classifier}",
+                  f"eval.reference={fmnist_root}")
+    trainer = Trainer(cfg)
+    result = trainer.fit()
+    assert result.step == 4 and set(result.metrics) >= {"fd", "accuracy"}
+    assert drawn == [2]  # step 2: the grid alone; step 4: the evaluation's first 4 samples
+    assert trainer.done.grid_step == 4 and result.samples_png.is_file()
+    assert np.array_equal(trainer.done.grid, real_grid(trainer))
+
+
 def test_cli_trains_and_resumes(tmp_path, fmnist_root, classifier):
     import subprocess
     import sys

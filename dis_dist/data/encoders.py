@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from contextlib import nullcontext
 
@@ -13,12 +14,16 @@ from torch import Tensor
 from dis_dist.errors import DataError
 
 
-def to_tensor(images: list[Image.Image]) -> Tensor:
-    """uint8 PIL images (all one size and mode) -> float (n, C, H, W) in [-1, 1]."""
-    arrays = [np.asarray(im) for im in images]
-    x = torch.from_numpy(np.stack(arrays))
+def arrays_to_tensor(arrays: np.ndarray) -> Tensor:
+    """uint8 images (n, H, W) or (n, H, W, C) -> float (n, C, H, W) in [-1, 1]."""
+    x = torch.from_numpy(np.array(arrays, order="C"))  # a copy: the arrays may be read-only views
     x = x[:, None] if x.ndim == 3 else x.permute(0, 3, 1, 2)
     return x.float().div_(127.5).sub_(1.0)
+
+
+def to_tensor(images: list[Image.Image]) -> Tensor:
+    """uint8 PIL images (all one size and mode) -> float (n, C, H, W) in [-1, 1]."""
+    return arrays_to_tensor(np.stack([np.asarray(im) for im in images]))
 
 
 class PixelEncoder:
@@ -32,6 +37,20 @@ class PixelEncoder:
 
     def encode(self, x: Tensor, generator: torch.Generator | None = None) -> Tensor:
         return x.to(torch.float16)
+
+    @staticmethod
+    @functools.cache
+    def _table() -> np.ndarray:
+        """The stored value of each of the 256 pixel values: :meth:`encode` of :func:`arrays_to_tensor`
+        itself, so a lookup gives the same bits as the tensor path."""
+        levels = np.arange(256, dtype=np.uint8)[None, None]
+        return PixelEncoder().encode(arrays_to_tensor(levels)).numpy().reshape(256)
+
+    def encode_uint8(self, images: np.ndarray, generator: torch.Generator | None = None) -> np.ndarray:
+        """uint8 images (n, H, W) or (n, H, W, C) -> float16 (n, C, H, W): a table lookup, no float
+        arithmetic (the same values as ``encode(arrays_to_tensor(images))``, about 20x faster)."""
+        x = self._table()[images]
+        return x[:, None] if x.ndim == 3 else np.ascontiguousarray(x.transpose(0, 3, 1, 2))
 
 
 class VAEEncoder:
@@ -77,6 +96,10 @@ class VAEEncoder:
         else:
             out = mean
         return (out * self.scaling_factor).to(torch.float16).cpu()
+
+    def encode_uint8(self, images: np.ndarray, generator: torch.Generator | None = None) -> np.ndarray:
+        """uint8 images (n, H, W, 3) -> float16 latents (n, C, h, w) as an array."""
+        return self.encode(arrays_to_tensor(images), generator).numpy()
 
 
 def build_encoder(vae: str, revision: str | None, kind: str, device: torch.device, precision: str):  # noqa: ANN201

@@ -30,6 +30,9 @@ class Item:
     label: int
     origin: str  # where it came from, for the manifest's record of skipped inputs
     load: Callable[[], Image.Image]
+    # The image as a uint8 array (H, W) or (H, W, C) in the source's mode, without PIL, where the
+    # source holds it so (Fashion-MNIST): what np.asarray(load()) gives.
+    array: Callable[[], np.ndarray] | None = None
 
 
 @dataclass
@@ -60,6 +63,19 @@ def pad_to(image: Image.Image, size: int) -> Image.Image:
         raise DataError(f"a {image.width}x{image.height} image does not fit in {size}x{size}; use center-crop")
     canvas = Image.new(image.mode, (size, size))
     canvas.paste(image, ((size - image.width) // 2, (size - image.height) // 2))
+    return canvas
+
+
+def pad_array(image: np.ndarray, size: int) -> np.ndarray:
+    """:func:`pad_to` of a uint8 (H, W) or (H, W, C) array: the same pixels, without PIL."""
+    height, width = image.shape[:2]
+    if width > size or height > size:
+        raise DataError(f"a {width}x{height} image does not fit in {size}x{size}; use center-crop")
+    if height == width == size:
+        return image
+    canvas = np.zeros((size, size, *image.shape[2:]), dtype=image.dtype)
+    top, left = (size - height) // 2, (size - width) // 2
+    canvas[top : top + height, left : left + width] = image
     return canvas
 
 
@@ -164,7 +180,7 @@ def fashion_mnist(url: str, split: str, shard_size: int) -> Source:
     images, labels = data.images[:, 0].numpy(), data.labels.tolist()
     items = [
         Item(key=f"{i:09d}", label=labels[i], origin=f"{url}:{split}[{i}]",
-             load=lambda i=i: Image.fromarray(images[i], mode="L"))
+             load=lambda i=i: Image.fromarray(images[i], mode="L"), array=lambda i=i: images[i])
         for i in range(len(labels))
     ]
     return Source("fmnist", list(CLASS_NAMES), _chunks(items, shard_size), "pad", mode="L",

@@ -2,7 +2,8 @@
 
 Each sample of a shard is ``<key>.latent.npy`` (float16), optionally ``<key>.latent_flip.npy``
 (the latent of the horizontally flipped image) and ``<key>.cls`` (the label as text). Shards are
-written by webdataset's own ``TarWriter`` and read back here in memory, without copying: the tar
+written byte for byte as webdataset's own ``TarWriter`` writes them (its headers filled in
+directly, which is much faster) and read back here in memory, without copying: the tar
 headers are parsed (and their checksums checked) and each ``.npy`` payload becomes an array that
 views the shard's bytes.
 """
@@ -22,25 +23,93 @@ from dis_dist.errors import DataError
 
 # -- writing ----------------------------------------------------------------------------------
 
+@functools.lru_cache(maxsize=64)
+def _npy_prefix(dtype: np.dtype, shape: tuple[int, ...]) -> bytes:
+    """The bytes ``np.save`` writes before the data of a C-ordered array of this dtype and shape."""
+    buf = io.BytesIO()
+    np.lib.format.write_array_header_1_0(
+        buf, {"descr": np.lib.format.dtype_to_descr(dtype), "fortran_order": False, "shape": shape})
+    return buf.getvalue()
+
+
 def _npy(array: np.ndarray) -> bytes:
+    """``array`` as a .npy file, the bytes ``np.save`` writes (its header is cached per dtype and
+    shape: a shard's arrays share one)."""
+    if array.flags.c_contiguous and not array.dtype.hasobject:
+        prefix = _npy_prefix(array.dtype, array.shape)
+        if prefix[6:8] == b"\x01\x00":  # version 1.0 (np.save's choice unless the header is huge)
+            return prefix + array.tobytes()
     buf = io.BytesIO()
     np.save(buf, array, allow_pickle=False)
     return buf.getvalue()
 
 
+_BLOCK, _RECORD = 512, 20 * 512  # tar's block, and the record its end is padded to (tar -b20)
+
+
+@functools.cache
+def _header_template() -> tuple[bytes, int]:
+    """The ustar header TarWriter gives a member (mode 0444, owner bigdata, mtime 0), with the name,
+    size and checksum fields cleared; and the byte sum of that header with the checksum field
+    read as spaces (the tar checksum's base)."""
+    import tarfile
+
+    info = tarfile.TarInfo("x")
+    info.size, info.mtime, info.mode, info.uname, info.gname = 0, 0, 0o444, "bigdata", "bigdata"
+    header = bytearray(info.tobuf(tarfile.PAX_FORMAT, "utf-8", "surrogateescape"))
+    if len(header) != _BLOCK or bytes(header[257:263]) != b"ustar\x00":
+        raise RuntimeError("tarfile wrote an unexpected header")  # pragma: no cover
+    header[0:100] = bytes(100)
+    header[124:136] = bytes(12)
+    header[148:156] = b" " * 8
+    return bytes(header), sum(header)
+
+
+def _fast_member(name: bytes, size: int) -> bytes:
+    """TarWriter's ustar header of a regular file ``name`` (ASCII, at most 100 bytes) of ``size`` bytes."""
+    template, base = _header_template()
+    size_field = b"%011o\x00" % size
+    checksum = base + sum(name) + sum(size_field)
+    return b"".join((name, bytes(100 - len(name)), template[100:124], size_field, template[136:148],
+                     b"%06o\x00 " % checksum, template[156:]))
+
+
+def _members(s: dict[str, Any]) -> dict[str, bytes]:
+    members = {"latent.npy": _npy(s["latent"]), "cls": str(int(s["cls"])).encode()}
+    if s.get("latent_flip") is not None:
+        members["latent_flip.npy"] = _npy(s["latent_flip"])
+    return members
+
+
 def build_shard(samples: list[dict[str, Any]]) -> bytes:
-    """Write samples {"key", "latent", "latent_flip"?, "cls"} into a tar with webdataset's
-    ``TarWriter`` and return its bytes (ustar; the timestamps fixed, so the same samples give the
-    same bytes)."""
+    """Write samples {"key", "latent", "latent_flip"?, "cls"} into a tar and return its bytes:
+    the bytes webdataset's ``TarWriter`` writes (ustar; the timestamps fixed, so the same samples
+    give the same bytes). The headers are filled in directly (about 50x faster than tarfile's);
+    a key that a ustar header cannot hold (non-ASCII, or over 100 bytes with its extension)
+    goes through ``TarWriter`` itself."""
+    if not all(str(s["key"]).isascii() and len(str(s["key"])) + len(".latent_flip.npy") <= 100 for s in samples):
+        return _build_shard_tarwriter(samples)
+    parts: list[bytes] = []
+    offset = 0
+    for s in samples:
+        key = str(s["key"]).encode()
+        for ext, payload in sorted(_members(s).items()):  # TarWriter's order: sorted extensions
+            pad = -len(payload) % _BLOCK
+            parts += [_fast_member(key + b"." + ext.encode(), len(payload)), payload, bytes(pad)]
+            offset += _BLOCK + len(payload) + pad
+    offset += 2 * _BLOCK  # the two zero blocks that end an archive, then padding to a whole record
+    parts.append(bytes(2 * _BLOCK + (-offset % _RECORD)))
+    return b"".join(parts)
+
+
+def _build_shard_tarwriter(samples: list[dict[str, Any]]) -> bytes:
+    """:func:`build_shard` by webdataset's ``TarWriter`` (for keys the fast path does not take)."""
     from webdataset import TarWriter
 
     buf = io.BytesIO()
     with TarWriter(buf, encoder=False, mtime=0) as tar:
         for s in samples:
-            sample = {"__key__": s["key"], "latent.npy": _npy(s["latent"]), "cls": str(int(s["cls"])).encode()}
-            if s.get("latent_flip") is not None:
-                sample["latent_flip.npy"] = _npy(s["latent_flip"])
-            tar.write(sample)
+            tar.write({"__key__": s["key"], **_members(s)})
     return buf.getvalue()
 
 

@@ -225,7 +225,10 @@ class GaussianDiffusion:
             t = torch.full((shape[0],), i, device=x.device, dtype=torch.long)
             with torch.no_grad():
                 out = self.p_mean_variance(model, x, t, model_kwargs, clip_denoised)
-            z = self._noise(shape, x, generator) if i > 0 else torch.zeros_like(x)
+            if i > 0 and eta != 0:
+                z = self._noise(shape, x, generator)
+            else:  # the last step, or deterministic DDIM (eta 0: sigma * z is 0): no noise to draw
+                z = torch.zeros_like(x)
             if eta is None:
                 x = out.mean + torch.exp(0.5 * out.log_variance) * z
             else:

@@ -70,11 +70,13 @@ def inception_score(logits: np.ndarray | Tensor, split_size: int = 5000) -> floa
 
 
 def _kth_neighbour_radii(x: Tensor, k: int, batch: int) -> Tensor:
-    """Distance of each row of x to its k-th nearest other row."""
+    """Distance of each row of x to its k-th nearest other row. ``topk`` of the k + 1 smallest
+    picks the value ``kthvalue`` would, several times faster on CPU (a 10,000-image reference:
+    seconds of each evaluation)."""
     radii = []
     for rows in x.split(batch):
         d = torch.cdist(rows, x)
-        radii.append(d.kthvalue(k + 1, dim=1).values)  # the nearest is the row itself, at 0
+        radii.append(d.topk(k + 1, dim=1, largest=False).values[:, k])  # the nearest is the row itself, at 0
     return torch.cat(radii)
 
 

@@ -46,24 +46,37 @@ class Evaluator:
             check_reference(self.reference, self.extractor, ec.num_samples, (resolution, resolution, channels),
                             ec.precision_recall)
         self.settings = SampleSettings.of(cfg.sample)
+        # Samples 0..keep-1 of the last call that asked for them, once every rank has drawn its
+        # share: [(indices, images, labels)] on rank 0, [] elsewhere; None when not kept.
+        self.kept: list[tuple[list[int], np.ndarray, np.ndarray | None]] | None = None
 
     def __call__(
-        self, model: nn.Module, diffusion: GaussianDiffusion, collective: bool = False
+        self, model: nn.Module, diffusion: GaussianDiffusion, collective: bool = False, keep: int = 0
     ) -> dict[str, float] | None:
         """Collective. Draw the samples and score them: return the metrics on rank 0, None
-        elsewhere. ``collective``: every rank must call ``model`` equally often (a sharded model)."""
+        elsewhere. ``collective``: every rank must call ``model`` equally often (a sharded model).
+        ``keep``: also keep the images of samples 0..keep-1 in :attr:`kept` (the trainer's grid at
+        this step is those samples: the grid and the evaluation draw with the same settings)."""
         ec, env = self.cfg.eval, self.env
+        self.kept = None
         sampler = Sampler(diffusion, self.settings, self.decode, env.device, bf16=self.cfg.train.precision == "bf16")
         features: dict[str, list[np.ndarray]] = {}
         labels: list[np.ndarray] = []
-        for _, images, y in sampler.share(model, ec.num_samples, self.batch_size, rank=env.rank,
-                                          world_size=env.world_size, collective=collective):
+        kept: list[tuple[list[int], np.ndarray, np.ndarray | None]] = []
+        for indices, images, y in sampler.share(model, ec.num_samples, self.batch_size, rank=env.rank,
+                                                world_size=env.world_size, collective=collective):
             for key, value in self.extractor(images).items():
                 features.setdefault(key, []).append(value)
             if y is not None:
                 labels.append(y)
-        mine = ({k: np.concatenate(v) for k, v in features.items()}, np.concatenate(labels) if labels else None)
+            first = [k for k, i in enumerate(indices) if i < keep]
+            if first:
+                kept.append(([indices[k] for k in first], images[first], None if y is None else y[first]))
+        mine = ({k: np.concatenate(v) for k, v in features.items()}, np.concatenate(labels) if labels else None,
+                kept)
         everyone = env.gather_to_main(mine)
+        if keep:
+            self.kept = [] if everyone is None else [b for p in everyone for b in p[2]]
         if everyone is None:
             return None
         parts = [p for p in everyone if len(p[0])]  # a rank with no batch sends nothing

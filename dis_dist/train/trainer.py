@@ -255,9 +255,12 @@ class Trainer:
             mine = list(self.grid_sampler.share(model, sc.num, self.sample_batch, rank=self.env.rank,
                                                 world_size=self.env.world_size, collective=collective))
         parts = self.env.gather_to_main(mine)
-        if parts is None:
-            return None
-        batches = sorted((b for part in parts for b in part), key=lambda b: b[0][0])
+        return None if parts is None else self._grid_of([b for part in parts for b in part])
+
+    def _grid_of(self, batches: list[tuple[list[int], np.ndarray, np.ndarray | None]]) -> np.ndarray:
+        """The grid of samples 0..sample.num-1 from (indices, images, labels) batches in any order."""
+        sc = self.cfg.sample
+        batches = sorted(batches, key=lambda b: b[0][0])
         images = np.concatenate([b[1] for b in batches])
         if not self.num_classes:
             return make_grid(images)
@@ -276,11 +279,20 @@ class Trainer:
         finally:
             self.module.set_context_parallel(self.cp_group)
 
+    def _grid_due(self) -> bool:
+        """Whether a sample grid is still to be drawn at this step (every sample.every, and the last step)."""
+        sc = self.cfg.sample
+        return (sc.num > 0 and self.done.grid_step != self.step
+                and (bool(sc.every and self.step % sc.every == 0) or self.step == self.cfg.train.steps))
+
     def evaluate(self, logger: RunLogger) -> None:
-        """Collective. Score eval.num_samples EMA samples; log the metrics (rank 0)."""
+        """Collective. Score eval.num_samples EMA samples; log the metrics (rank 0). When a grid is
+        due at this step too, the evaluation keeps its first sample.num images for it: they are
+        the grid's samples (the same settings, seed and sample indices), not drawn twice."""
         start = time.perf_counter()
+        keep = self.cfg.sample.num if self._grid_due() and self.cfg.eval.num_samples >= self.cfg.sample.num else 0
         with self._ema_for_sampling() as (model, collective):
-            metrics = self.evaluator(model, self.sample_diffusion, collective)
+            metrics = self.evaluator(model, self.sample_diffusion, collective, keep=keep)
         if metrics is None:
             return
         self.metrics = metrics
@@ -304,7 +316,12 @@ class Trainer:
 
     def _draw_grid(self, logger: RunLogger) -> None:
         self.done.grid_step = self.step  # drawn or failed: not again at this step
-        self.done.grid = self.sample_grid()
+        kept = self.evaluator.kept if self.evaluator is not None and self.done.evaluation == self.step else None
+        if kept is not None:  # this step's evaluation drew the grid's samples (on every rank, or on none)
+            self.evaluator.kept = None
+            self.done.grid = self._grid_of(kept) if self.env.is_main else None
+        else:
+            self.done.grid = self.sample_grid()
         if self.done.grid is not None:
             logger.image("samples/ema", self.step, self.done.grid)
             logger.flush()
@@ -466,20 +483,21 @@ class Trainer:
 
     def _periodic(self, logger: RunLogger) -> None:
         """Collective. Do what is due at this step: the checkpoint first (work is never lost to a
-        failing grid or evaluation), then the sample grid and the evaluation, guarded."""
+        failing grid or evaluation), then the evaluation and the sample grid, guarded (a grid due with
+        an evaluation is made of the evaluation's first samples)."""
         cfg = self.cfg
         if cfg.checkpoint.every and self.step % cfg.checkpoint.every == 0:
             self.save_checkpoint()
             self.done.checkpoint = self.step
-        if cfg.sample.every and self.step % cfg.sample.every == 0:
-            self._guarded("sample grid", "samples", logger, lambda: self._draw_grid(logger))
-        if cfg.eval.every and self.step % cfg.eval.every == 0:
+        if cfg.eval.every and self.step % cfg.eval.every == 0:  # first: it draws a grid due now as well
             self.done.evaluation = self.step
             self._guarded("evaluation", "eval", logger, lambda: self.evaluate(logger))
+        if cfg.sample.every and self.step % cfg.sample.every == 0:
+            self._guarded("sample grid", "samples", logger, lambda: self._draw_grid(logger))
 
     def _finish(self, logger: RunLogger, start: float) -> FitResult:
-        """Collective. Save the last checkpoint, and at the end of training draw the last grid (saved
-        as samples.png) and evaluate."""
+        """Collective. Save the last checkpoint, and at the end of training evaluate and draw the last
+        grid (saved as samples.png)."""
         cfg, env = self.cfg, self.env
         if self.done.checkpoint != self.step:
             self.save_checkpoint()
@@ -489,13 +507,14 @@ class Trainer:
                         self.step, self.stopped)
         samples_png = None
         if self.step == cfg.train.steps:
+            if self.evaluator is not None and self.done.evaluation != self.step:
+                self.done.evaluation = self.step
+                self._guarded("evaluation", "eval", logger, lambda: self.evaluate(logger))
             if self.done.grid_step != self.step and cfg.sample.num > 0:
                 self._guarded("sample grid", "samples", logger, lambda: self._draw_grid(logger))
             if self.done.grid is not None:
                 samples_png = self.run_dir / "samples.png"
                 save_png(self.done.grid, samples_png, scale=2)
-            if self.evaluator is not None and self.done.evaluation != self.step:
-                self._guarded("evaluation", "eval", logger, lambda: self.evaluate(logger))
         logger.close()
         wall = time.perf_counter() - start
         if env.is_main:
