@@ -13,7 +13,8 @@
 // reverse recurrence through it, last chunk first. The gradients of B and C, sums over the
 // channels, are kept as vectors over a thread's channel blocks and summed across lanes once per
 // batch element.
-#include <torch/extension.h>
+#include <torch/csrc/utils/pybind.h>
+#include <torch/types.h>
 
 #include <ATen/Parallel.h>
 #include <immintrin.h>
