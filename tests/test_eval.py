@@ -334,9 +334,14 @@ def test_classifier_metrics_rank_a_trained_model_above_an_untrained_one(
         "eval.every=600", "eval.features=fmnist", f"eval.weights={classifier}",
         f"eval.reference={fmnist_root}", "eval.num_samples=200", "eval.batch_size=100",
     ])
-    trainer = Trainer(cfg)
-    untrained = trainer.evaluator(trainer.strategy.ema_model(all_ranks=True), trainer.sample_diffusion)
-    result = trainer.fit(resume="none")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # 2 threads on a busy 2-core machine crawl (spinning OpenMP workers)
+    try:
+        trainer = Trainer(cfg)
+        untrained = trainer.evaluator(trainer.strategy.ema_model(all_ranks=True), trainer.sample_diffusion)
+        result = trainer.fit(resume="none")
+    finally:
+        torch.set_num_threads(threads)
     trained = result.metrics
     print(f"untrained: {untrained}\ntrained: {trained}")
     assert set(trained) == {"fd", "accuracy", "precision", "recall"}
