@@ -9,7 +9,9 @@ import json
 from pathlib import Path
 
 import numpy as np
+import torch
 
+from dis_dist.data.encoders import arrays_to_tensor
 from dis_dist.data.manifest import FORMAT_VERSION, MANIFEST, CacheInfo, Manifest, ShardInfo, shard_name
 from dis_dist.data.tar import build_shard
 
@@ -39,3 +41,9 @@ def write_random_cache(root: str | Path, *, shards: int, per_shard: int, channel
     # Compact JSON, not Manifest.to_json's indented form: the bytes these caches have always had.
     (root / MANIFEST).write_text(json.dumps(dataclasses.asdict(manifest)))
     return root
+
+
+def to_tensor(images: list) -> torch.Tensor:
+    """uint8 PIL images (all one size and mode) -> float (n, C, H, W) in [-1, 1]: the encode's
+    path through PIL, which its array path must equal."""
+    return arrays_to_tensor(np.stack([np.asarray(im) for im in images]))

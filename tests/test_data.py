@@ -173,7 +173,8 @@ def test_pixel_encoder_table_is_the_tensor_paths_values():
     (n, H, W) and (n, H, W, C) layouts."""
     from PIL import Image
 
-    from dis_dist.data.encoders import PixelEncoder, to_tensor
+    from dis_dist.data.encoders import PixelEncoder
+    from tests.fixtures import to_tensor
 
     enc = PixelEncoder()
     rng = np.random.default_rng(0)

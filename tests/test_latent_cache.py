@@ -122,10 +122,10 @@ def test_every_sample_once_per_epoch_over_ranks_and_workers(vae_cache):
 def test_latents_labels_and_flips_match_direct_encoding(vae_cache, image_folder, tiny_vae):
     from diffusers import AutoencoderKL
 
-    from dis_dist.data.encoders import to_tensor
     from dis_dist.data.shards import decode_sample, iter_shard
     from dis_dist.data.sources import center_crop
     from dis_dist.data.sources import image_folder as folder_source
+    from tests.fixtures import to_tensor
 
     source = folder_source(str(image_folder), shard_size=4, seed=0)
     items = {it.key: it for unit in source.units for it in unit()}
@@ -343,7 +343,8 @@ def test_fmnist_array_path_writes_the_pil_paths_bytes(tmp_path, monkeypatch):
     (31: unequal margins) or not (28)."""
     from dis_dist.data import encode as encode_module
     from dis_dist.data import sources, tar
-    from dis_dist.data.encoders import PixelEncoder, to_tensor
+    from dis_dist.data.encoders import PixelEncoder
+    from tests.fixtures import to_tensor
     from tests.test_data import _write_idx
 
     rng = np.random.default_rng(0)

@@ -8,7 +8,6 @@ from contextlib import nullcontext
 
 import numpy as np
 import torch
-from PIL import Image
 from torch import Tensor
 
 from dis_dist.errors import DataError
@@ -19,11 +18,6 @@ def arrays_to_tensor(arrays: np.ndarray) -> Tensor:
     x = torch.from_numpy(np.array(arrays, order="C"))  # a copy: the arrays may be read-only views
     x = x[:, None] if x.ndim == 3 else x.permute(0, 3, 1, 2)
     return x.float().div_(127.5).sub_(1.0)
-
-
-def to_tensor(images: list[Image.Image]) -> Tensor:
-    """uint8 PIL images (all one size and mode) -> float (n, C, H, W) in [-1, 1]."""
-    return arrays_to_tensor(np.stack([np.asarray(im) for im in images]))
 
 
 class PixelEncoder:
